@@ -1,0 +1,5 @@
+"""Run the command-line interface with ``python -m bgapi``."""
+
+from bgapi.cli import main
+
+main()

@@ -1,0 +1,523 @@
+"""Load and validate a bgapi configuration file.
+
+A configuration is TOML with four parts: ``[server]``, ``[poller]``, ``[store]``
+and a list of ``[[targets]]``. :func:`load_config` reads a file, replaces
+``${VAR}`` with environment variables and returns a validated :class:`Config`.
+Every problem is collected and raised together as one :class:`ConfigError`
+whose lines name the file, the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bgapi.conditions import parse_condition
+from bgapi.errors import ConditionError, ConfigError
+
+__all__ = [
+    "ActionConfig",
+    "Config",
+    "PollerConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TargetConfig",
+    "config_from_dict",
+    "load_config",
+    "mask_headers",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MODE = "thread"
+DEFAULT_INTERVAL_S = 60.0
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONCURRENCY = 100
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_REDIRECTS = 5
+DEFAULT_STORE_PATH = "bgapi.db"
+DEFAULT_RETENTION = 1000
+DEFAULT_WEBHOOK_TIMEOUT_S = 5.0
+DEFAULT_WEBHOOK_RETRIES = 3
+
+Mode = Literal["thread", "asyncio", "apscheduler"]
+MODES: tuple[str, ...] = ("thread", "asyncio", "apscheduler")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+# Header names whose values are credentials: masked wherever bgapi shows them.
+SENSITIVE_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+MASK = "***"
+
+_ENV_PATTERN = re.compile(r"\$\$|\$\{([^}]*)\}")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+def _check_condition(text: str) -> str:
+    try:
+        parse_condition(text)
+    except ConditionError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+ConditionText = Annotated[str, AfterValidator(_check_condition)]
+
+
+class _Section(BaseModel):
+    """A config table: unknown keys are errors, secrets are masked in ``repr``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name == "headers" and isinstance(value, dict):
+                value = mask_headers(value)
+            elif isinstance(value, str):
+                value = _Redactor(set(self._secrets))(value)
+            yield name, value
+
+
+class ServerConfig(_Section):
+    """The ``[server]`` section: where the API listens."""
+
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+
+
+class PollerConfig(_Section):
+    """The ``[poller]`` section: strategy and defaults for every target."""
+
+    mode: Mode = DEFAULT_MODE
+    interval: float = Field(DEFAULT_INTERVAL_S, gt=0)
+    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_redirects: int = Field(DEFAULT_MAX_REDIRECTS, ge=0)
+    # Benchmark aid: hold the poller's thread this long after each poll, the way a
+    # blocking call inside an `async def` does. Zero in any real configuration.
+    blocking_ms: float = Field(0.0, ge=0)
+
+
+class StoreConfig(_Section):
+    """The ``[store]`` section: the SQLite file and how much history it keeps."""
+
+    path: Path = Path(DEFAULT_STORE_PATH)
+    retention: int = Field(DEFAULT_RETENTION, ge=1)
+
+
+class ActionConfig(_Section):
+    """One ``[[targets.actions]]`` table: what to do when a target's state changes."""
+
+    type: Literal["log", "webhook"]
+    on: Literal["change", "down", "up", "always"] = "change"
+    url: str | None = None
+    timeout: float = Field(DEFAULT_WEBHOOK_TIMEOUT_S, gt=0)
+    retries: int = Field(DEFAULT_WEBHOOK_RETRIES, ge=0, le=10)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        return None if url is None else _check_http_url(url)
+
+    @model_validator(mode="after")
+    def _check_webhook_url(self) -> ActionConfig:
+        if self.type == "webhook" and not self.url:
+            raise ValueError('a webhook action needs a url, e.g. url = "https://example.com/hook"')
+        return self
+
+
+class TargetConfig(_Section):
+    """One ``[[targets]]`` table: an HTTP endpoint to poll and what counts as up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str
+    url: str
+    method: str = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    json_body: Any = Field(None, alias="json")
+    # None means "take the [poller] default"; Config fills both in after validation.
+    interval: float | None = Field(None, gt=0)
+    timeout: float | None = Field(None, gt=0)
+    conditions: list[ConditionText] = Field(default_factory=list)
+    failure_threshold: int = Field(1, ge=1)
+    success_threshold: int = Field(1, ge=1)
+    actions: list[ActionConfig] = Field(default_factory=list)
+    enabled: bool = True
+    follow_redirects: bool = True
+    verify: bool = True
+    ca_bundle: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME_PATTERN.match(name):
+            raise ValueError(
+                "must be 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        return _check_http_url(url)
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, method: str) -> str:
+        upper = method.upper()
+        if upper not in HTTP_METHODS:
+            raise ValueError(f"must be one of {', '.join(HTTP_METHODS)}")
+        return upper
+
+    @model_validator(mode="after")
+    def _check_body(self) -> TargetConfig:
+        if self.body is not None and self.json_body is not None:
+            raise ValueError("give either body or json, not both")
+        return self
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds between the starts of two polls (the poller default when unset)."""
+        assert self.interval is not None, "Config fills in every target's interval"
+        return self.interval
+
+    @property
+    def timeout_s(self) -> float:
+        """Total deadline of one poll in seconds, from connect to the last body byte."""
+        assert self.timeout is not None, "Config fills in every target's timeout"
+        return self.timeout
+
+
+class Config(_Section):
+    """A validated configuration with every target's defaults filled in."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    poller: PollerConfig = Field(default_factory=PollerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    targets: list[TargetConfig] = Field(default_factory=list)
+
+    _source: str = PrivateAttr(default="<config>")
+
+    @model_validator(mode="after")
+    def _fill_defaults_and_check_names(self) -> Config:
+        seen: dict[str, int] = {}
+        for index, target in enumerate(self.targets):
+            if target.name in seen:
+                raise ValueError(
+                    f"targets[{index}].name: duplicate target name {target.name!r}, "
+                    f"already used by targets[{seen[target.name]}]; give each target a unique name"
+                )
+            seen[target.name] = index
+        filled = [
+            target.model_copy(
+                update={
+                    "interval": target.interval or self.poller.interval,
+                    "timeout": target.timeout or self.poller.timeout,
+                }
+            )
+            for target in self.targets
+        ]
+        object.__setattr__(self, "targets", filled)
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this configuration was read from, or a placeholder."""
+        return self._source
+
+    @property
+    def enabled_targets(self) -> list[TargetConfig]:
+        """The targets that the poller schedules."""
+        return [target for target in self.targets if target.enabled]
+
+    def target(self, name: str) -> TargetConfig | None:
+        """Return the target called ``name``, or None."""
+        return next((target for target in self.targets if target.name == name), None)
+
+    def redact(self, text: str) -> str:
+        """Replace every secret value that appears in ``text`` with ``***``."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        return text
+
+    def startup_warnings(self) -> list[str]:
+        """Describe settings that are allowed but probably not what the user meant."""
+        warnings = []
+        for target in self.enabled_targets:
+            if target.timeout_s > target.interval_s:
+                warnings.append(
+                    f"target {target.name!r}: timeout {target.timeout_s:g} s is longer than its "
+                    f"interval {target.interval_s:g} s, so the slots a slow poll covers are "
+                    "skipped and counted as missed"
+                )
+            if not target.verify:
+                warnings.append(
+                    f"target {target.name!r}: TLS certificate verification is off (verify = false)"
+                )
+        return warnings
+
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate the TOML configuration at ``path``.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, names a missing
+            environment variable or holds invalid values. Every problem found is
+            listed, one per line.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found; pass an existing TOML file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read the file: {exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: {_describe_toml_error(exc)}"]) from None
+    return config_from_dict(data, source=source, environ=environ)
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate a configuration given as a dict, as parsed from TOML.
+
+    Raises:
+        ConfigError: as for :func:`load_config`.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    secrets: set[str] = set()
+    substituted = _substitute(data, (), environ, problems, secrets, source)
+    _collect_header_secrets(substituted, secrets)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = Config.model_validate(substituted)
+    except ValidationError as exc:
+        redactor = _Redactor(secrets)
+        raise ConfigError(
+            [_describe_validation_error(error, substituted, source, redactor) for error in exc.errors()]
+        ) from None
+    config._source = source
+    config._secrets = frozenset(secret for secret in secrets if secret)
+    for target in config.targets:
+        target._secrets = config._secrets
+        for action in target.actions:
+            action._secrets = config._secrets
+    return config
+
+
+def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Return ``headers`` with the values of credential headers replaced by ``***``."""
+    return {
+        key: MASK if key.lower() in SENSITIVE_HEADERS else value for key, value in headers.items()
+    }
+
+
+class _Redactor:
+    def __init__(self, secrets: set[str]) -> None:
+        self.secrets = [secret for secret in secrets if secret]
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+
+def _substitute(
+    value: Any,
+    path: tuple[str | int, ...],
+    environ: Mapping[str, str],
+    problems: list[str],
+    secrets: set[str],
+    source: str,
+) -> Any:
+    """Replace ``${VAR}`` in every string of ``value``; ``$$`` is a literal ``$``."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name = match.group(1)
+            if name not in environ:
+                problems.append(
+                    f"{source}: {_format_path(path)}: environment variable {name!r} is not set; "
+                    f"export {name}=... before starting bgapi, or write $$ for a literal $"
+                )
+                return ""
+            secrets.add(environ[name])
+            return environ[name]
+
+        return _ENV_PATTERN.sub(replace, value)
+    if isinstance(value, Mapping):
+        return {
+            key: _substitute(item, (*path, key), environ, problems, secrets, source)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [
+            _substitute(item, (*path, index), environ, problems, secrets, source)
+            for index, item in enumerate(value)
+        ]
+    return value
+
+
+def _collect_header_secrets(data: Any, secrets: set[str]) -> None:
+    """Add the values of credential headers (Authorization, ...) to ``secrets``."""
+    if not isinstance(data, Mapping):
+        return
+    for target in data.get("targets") or []:
+        if not isinstance(target, Mapping):
+            continue
+        tables = [target, *[a for a in target.get("actions") or [] if isinstance(a, Mapping)]]
+        for table in tables:
+            headers = table.get("headers")
+            if isinstance(headers, Mapping):
+                for key, value in headers.items():
+                    if str(key).lower() in SENSITIVE_HEADERS and isinstance(value, str):
+                        secrets.add(value)
+                        # "Bearer abc" also leaks as "abc" in some messages.
+                        secrets.update(part for part in value.split() if len(part) >= 8)
+
+
+def _describe_toml_error(exc: tomllib.TOMLDecodeError) -> str:
+    message = str(exc)
+    match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+    if match:
+        message = message[: match.start()].strip()
+        return f"line {match.group(1)}, column {match.group(2)}: invalid TOML: {message}"
+    return f"invalid TOML: {message}"
+
+
+def _format_path(path: tuple[str | int, ...], data: Any = None) -> str:
+    """Format ``("targets", 2, "interval")`` as ``targets[2] (name 'api').interval``."""
+    text = ""
+    node = data
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, Mapping) and isinstance(node.get("name"), str):
+                text += f" ({node['name']!r})"
+        else:
+            text += f".{part}" if text else part
+            node = node.get(part) if isinstance(node, Mapping) else None
+    return text or "(top level)"
+
+
+_SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): Config,
+    ("server",): ServerConfig,
+    ("poller",): PollerConfig,
+    ("store",): StoreConfig,
+    ("targets",): TargetConfig,
+    ("targets", "actions"): ActionConfig,
+}
+
+
+def _allowed_keys(parent: tuple[str | int, ...]) -> list[str]:
+    names = tuple(part for part in parent if isinstance(part, str))
+    model = _SECTION_MODELS.get(names)
+    if model is None:
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _describe_validation_error(
+    error: Mapping[str, Any], data: Any, source: str, redact: _Redactor
+) -> str:
+    loc = tuple(part for part in error["loc"] if not _is_internal_loc(part))
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    where = _format_path(loc, data)
+
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(loc[:-1])
+        where = _format_path(loc[:-1], data)
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+        return f"{source}: {where}: unknown key {key!r}; {hint}"
+    if kind == "missing":
+        return f"{source}: {where}: missing required key; add {loc[-1]} = ..."
+    if kind == "value_error":
+        message = str(ctx.get("error", error["msg"]))
+        if message.startswith("targets["):  # cross-field checks name their own path
+            return f"{source}: {redact(message)}"
+        return f"{source}: {where}: {redact(message)} (got {redact(_show(value))})"
+    return f"{source}: {where}: {_describe_kind(kind, ctx, error['msg'])}, got {redact(_show(value))}"
+
+
+def _is_internal_loc(part: Any) -> bool:
+    # pydantic adds a function name to the location of AfterValidator errors.
+    return isinstance(part, str) and part.startswith("function-")
+
+
+def _describe_kind(kind: str, ctx: Mapping[str, Any], fallback: str) -> str:
+    if kind == "greater_than":
+        return f"must be greater than {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind in {"float_type", "float_parsing", "int_from_float"}:
+        return "must be a number" if kind != "int_from_float" else "must be a whole number"
+    if kind in {"int_type", "int_parsing"}:
+        return "must be a whole number"
+    if kind in {"bool_type", "bool_parsing"}:
+        return "must be true or false"
+    if kind == "string_type":
+        return "must be a string in double quotes"
+    if kind in {"list_type", "tuple_type"}:
+        return "must be a list, e.g. [\"status == 200\"]"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return "must be a table"
+    return fallback[0].lower() + fallback[1:] if fallback else kind
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"}:
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must include a host, e.g. https://api.example.com/health")
+    return url

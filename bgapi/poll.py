@@ -1,0 +1,275 @@
+"""The poll itself: one HTTP request to a target, turned into a :class:`PollResult`.
+
+This module knows nothing about schedules, state or storage, so every
+strategy (thread, asyncio task, APScheduler) runs exactly this code. Every
+failure an upstream can cause becomes a result with an :class:`ErrorKind`;
+only bugs propagate as exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bgapi import __version__
+from bgapi.conditions import Condition, ResponseView, evaluate
+from bgapi.config import PollerConfig, TargetConfig
+
+__all__ = ["ErrorKind", "HttpClients", "PollResult", "format_timestamp", "poll_http"]
+
+USER_AGENT = f"bgapi/{__version__}"
+# A connection that takes longer than this is hopeless even when the target
+# allows a long total deadline; the rest of the deadline is left for the body.
+MAX_CONNECT_TIMEOUT_S = 10.0
+READ_CHUNK_BYTES = 64 * 1024
+
+
+class ErrorKind(enum.StrEnum):
+    """Why a poll failed: the stable, machine-readable part of a failure."""
+
+    TIMEOUT = "timeout"
+    CONNECT = "connect"
+    DNS = "dns"
+    TLS = "tls"
+    PROTOCOL = "protocol"
+    TOO_LARGE = "too_large"
+    INVALID_JSON = "invalid_json"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    HTTP_STATUS = "http_status"
+    CONDITION = "condition"
+    INTERNAL = "internal"
+
+
+@dataclass(slots=True)
+class PollResult:
+    """The outcome of one poll of one target.
+
+    Times are Unix timestamps in seconds; ``lateness_ms`` is how long after its
+    scheduled slot the poll started (None for polls run on request).
+    """
+
+    target: str
+    ok: bool
+    scheduled_at: float
+    started_at: float
+    elapsed_ms: float
+    status_code: int | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+    failed_conditions: list[str] = field(default_factory=list)
+    lateness_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as JSON-ready data with ISO 8601 UTC times."""
+        data = asdict(self)
+        data["scheduled_at"] = format_timestamp(self.scheduled_at)
+        data["started_at"] = format_timestamp(self.started_at)
+        data["error_kind"] = str(self.error_kind) if self.error_kind else None
+        return data
+
+
+def format_timestamp(timestamp: float) -> str:
+    """Format a Unix timestamp as ISO 8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+class HttpClients:
+    """The ``httpx.AsyncClient`` instances of one event loop, one per TLS setting.
+
+    A client holds connections bound to the loop that created it, so each
+    runner creates its own, reuses it for every poll and closes it on shutdown.
+    """
+
+    def __init__(self, poller: PollerConfig) -> None:
+        self._poller = poller
+        self._clients: dict[tuple[bool, str | None], httpx.AsyncClient] = {}
+
+    def for_target(self, target: TargetConfig) -> httpx.AsyncClient:
+        """Return the client for the target's TLS settings, creating it on first use."""
+        ca_bundle = str(target.ca_bundle) if target.ca_bundle else None
+        key = (target.verify, ca_bundle)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._create(target.verify, target.ca_bundle)
+            self._clients[key] = client
+        return client
+
+    def default(self) -> httpx.AsyncClient:
+        """Return the client with TLS verification on and the system CA store."""
+        key = (True, None)
+        if key not in self._clients:
+            self._clients[key] = self._create(True, None)
+        return self._clients[key]
+
+    def _create(self, verify: bool, ca_bundle: Path | None) -> httpx.AsyncClient:
+        tls: bool | ssl.SSLContext = verify
+        if verify and ca_bundle is not None:
+            tls = ssl.create_default_context(cafile=str(ca_bundle))
+        limits = httpx.Limits(
+            max_connections=self._poller.max_concurrency,
+            max_keepalive_connections=self._poller.max_concurrency,
+        )
+        return httpx.AsyncClient(
+            verify=tls,
+            limits=limits,
+            max_redirects=self._poller.max_redirects,
+            headers={"user-agent": USER_AGENT},
+            # Every request passes its own timeout; this only guards misuse.
+            timeout=httpx.Timeout(self._poller.timeout),
+        )
+
+    async def aclose(self) -> None:
+        """Close every client and its connections."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+
+async def poll_http(
+    client: httpx.AsyncClient,
+    target: TargetConfig,
+    conditions: Sequence[Condition],
+    *,
+    max_body_bytes: int,
+    scheduled_at: float | None = None,
+) -> PollResult:
+    """Send the target's request, read at most ``max_body_bytes`` and check the conditions.
+
+    The whole poll, from connect to the last body byte, is bounded by the
+    target's timeout. Network and HTTP failures are returned as a failed
+    result; an exception escapes only for a bug.
+    """
+    started_at = time.time()
+    start = time.perf_counter()
+    result = PollResult(
+        target=target.name,
+        ok=False,
+        scheduled_at=scheduled_at if scheduled_at is not None else started_at,
+        started_at=started_at,
+        elapsed_ms=0.0,
+    )
+    deadline_s = target.timeout_s
+    request_timeout = httpx.Timeout(
+        deadline_s, connect=min(deadline_s, MAX_CONNECT_TIMEOUT_S), pool=deadline_s
+    )
+    try:
+        async with asyncio.timeout(deadline_s):
+            async with client.stream(
+                target.method,
+                target.url,
+                headers=target.headers,
+                content=target.body,
+                json=target.json_body,
+                follow_redirects=target.follow_redirects,
+                timeout=request_timeout,
+            ) as response:
+                result.status_code = response.status_code
+                body = await _read_capped(response, max_body_bytes)
+    except TimeoutError:
+        return _fail(result, start, ErrorKind.TIMEOUT, f"no complete response within {deadline_s:g} s")
+    except _BodyTooLarge:
+        return _fail(
+            result, start, ErrorKind.TOO_LARGE, f"body exceeds the limit of {max_body_bytes} bytes"
+        )
+    except httpx.HTTPError as exc:
+        kind, message = classify_http_error(exc)
+        return _fail(result, start, kind, message)
+
+    result.elapsed_ms = (time.perf_counter() - start) * 1000
+    view = ResponseView(
+        status_code=response.status_code,
+        elapsed_ms=result.elapsed_ms,
+        headers=response.headers,
+        body=bytes(body),
+    )
+    failures = evaluate(conditions, view)
+    result.failed_conditions = [str(failure) for failure in failures]
+    result.ok = not failures
+    if failures:
+        result.error_kind = _failure_kind(conditions, failures, view)
+        result.error = result.failed_conditions[0]
+    return result
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytearray:
+    body = bytearray()
+    async for chunk in response.aiter_bytes(READ_CHUNK_BYTES):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _BodyTooLarge
+    return body
+
+
+def _fail(result: PollResult, start: float, kind: ErrorKind, message: str) -> PollResult:
+    result.elapsed_ms = (time.perf_counter() - start) * 1000
+    result.ok = False
+    result.error_kind = kind
+    result.error = message
+    return result
+
+
+def _failure_kind(
+    conditions: Sequence[Condition], failures: Sequence[Any], view: ResponseView
+) -> ErrorKind:
+    failed = {failure.condition for failure in failures}
+    if any(c.subject == "status" and c.text in failed for c in conditions):
+        return ErrorKind.HTTP_STATUS
+    if view.json_error is not None and any(c.needs_json and c.text in failed for c in conditions):
+        return ErrorKind.INVALID_JSON
+    return ErrorKind.CONDITION
+
+
+def classify_http_error(exc: httpx.HTTPError) -> tuple[ErrorKind, str]:
+    """Map an httpx exception to an error kind and a one-line message."""
+    causes = list(_cause_chain(exc))
+    if isinstance(exc, httpx.TooManyRedirects):
+        return ErrorKind.TOO_MANY_REDIRECTS, str(exc)
+    if isinstance(exc, httpx.TimeoutException):
+        phase = type(exc).__name__.removesuffix("Timeout").lower() or "request"
+        return ErrorKind.TIMEOUT, f"{phase} timed out"
+    if any(isinstance(cause, socket.gaierror) for cause in causes) or _looks_like_dns(exc):
+        return ErrorKind.DNS, f"name resolution failed: {_first_line(exc)}"
+    if any(isinstance(cause, ssl.SSLError) for cause in causes) or "SSL" in str(exc):
+        return ErrorKind.TLS, f"TLS handshake failed: {_first_line(exc)}"
+    if isinstance(exc, httpx.ConnectError):
+        return ErrorKind.CONNECT, f"connection failed: {_first_line(exc)}"
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.CloseError)):
+        return ErrorKind.CONNECT, f"connection broken: {_first_line(exc) or 'reset by peer'}"
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError)):
+        return ErrorKind.PROTOCOL, f"invalid HTTP response: {_first_line(exc)}"
+    return ErrorKind.PROTOCOL, f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _looks_like_dns(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Name or service not known" in text or "nodename nor servname" in text or (
+        "Temporary failure in name resolution" in text
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

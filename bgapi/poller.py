@@ -1,0 +1,289 @@
+"""The poller core that every strategy shares.
+
+:class:`Poller` turns one poll of one target into everything that follows:
+the up/down state, the stored result, the run statistics and the actions.
+Runners decide only *where* this code runs (a thread of its own, a task on
+the server's event loop, APScheduler); what it does is written once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any
+
+from bgapi.actions import run_action, should_fire
+from bgapi.conditions import Condition, default_conditions, parse_conditions
+from bgapi.config import ActionConfig, Config, TargetConfig
+from bgapi.errors import StoreError
+from bgapi.poll import ErrorKind, HttpClients, PollResult, poll_http
+from bgapi.state import LatenessStats, State, TargetStatus, Transition
+from bgapi.store import Store
+
+__all__ = ["LoopResources", "Poller"]
+
+logger = logging.getLogger(__name__)
+
+# At shutdown, actions still running (a webhook being retried) get this long.
+ACTION_GRACE_S = 0.5
+
+
+class LoopResources:
+    """What polls need from the event loop they run on.
+
+    The HTTP clients and the action tasks belong to one event loop: the
+    runner that owns the loop creates this object on it and closes it there.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.clients = HttpClients(config.poller)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coroutine`` as a task that :meth:`aclose` waits for or cancels."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Give running actions a short grace, cancel the rest, close the clients."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=ACTION_GRACE_S)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=ACTION_GRACE_S)
+                logger.warning("cancelled %d action(s) still running at shutdown", len(pending))
+        await self.clients.aclose()
+
+
+class Poller:
+    """Poll targets, keep their state, store results and fire actions.
+
+    Safe to use from several threads and event loops at once: state lives
+    behind a lock, and the API sees a result only after it is committed.
+    """
+
+    def __init__(self, config: Config, store: Store | None = None, mode: str | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.mode = mode or config.poller.mode
+        self.stats = LatenessStats()
+        self.store_error: str | None = None
+        self._conditions: dict[str, list[Condition]] = {
+            target.name: parse_conditions(target.conditions) or default_conditions()
+            for target in config.targets
+        }
+        self._lock = threading.Lock()
+        # _working is what the next result builds on; _published is what the
+        # API shows, and it changes only after the store has committed.
+        self._working = {target.name: TargetStatus(target.name) for target in config.targets}
+        self._published = {name: copy.copy(status) for name, status in self._working.items()}
+        self._sequence = {target.name: 0 for target in config.targets}
+        self._published_sequence = dict(self._sequence)
+
+    def restore(self) -> None:
+        """Load each target's last state and result from the store, if there is one."""
+        if self.store is None:
+            return
+        for name, saved in self.store.states().items():
+            if name not in self._working:
+                continue
+            status = self._working[name]
+            status.state = State(saved["state"])
+            status.consecutive_successes = saved["consecutive_successes"]
+            status.consecutive_failures = saved["consecutive_failures"]
+            status.last_success_at = saved["last_success_at"]
+            status.last_change_at = saved["last_change_at"]
+            if saved["last_result"] is not None:
+                status.last_result = _result_from_dict(saved["last_result"])
+            self._published[name] = copy.copy(status)
+
+    def status(self, name: str) -> TargetStatus | None:
+        """Return a copy of the target's published status, or None for an unknown name."""
+        with self._lock:
+            status = self._published.get(name)
+            return copy.copy(status) if status is not None else None
+
+    def statuses(self) -> list[TargetStatus]:
+        """Return a copy of every target's published status, in config order."""
+        with self._lock:
+            return [copy.copy(self._published[target.name]) for target in self.config.targets]
+
+    def set_next_run(self, name: str, next_run_at: float) -> None:
+        """Record when the target's next scheduled poll starts (Unix time)."""
+        with self._lock:
+            self._working[name].next_run_at = next_run_at
+            self._published[name].next_run_at = next_run_at
+
+    def record_run(self, name: str, lateness_ms: float, missed: int) -> None:
+        """Count a scheduled run of ``name`` and the slots skipped before it."""
+        self.stats.record_run(lateness_ms)
+        if missed:
+            self.stats.record_missed(missed)
+        with self._lock:
+            for status in (self._working[name], self._published[name]):
+                status.runs += 1
+                status.missed += missed
+
+    def record_missed(self, name: str, missed: int) -> None:
+        """Count slots of ``name`` that passed while its previous poll still ran."""
+        self.stats.record_missed(missed)
+        with self._lock:
+            self._working[name].missed += missed
+            self._published[name].missed += missed
+
+    async def check(
+        self,
+        target: TargetConfig,
+        resources: LoopResources,
+        *,
+        scheduled_at: float | None = None,
+        lateness_ms: float | None = None,
+    ) -> PollResult:
+        """Poll ``target`` once, then update its state, store the result and fire actions.
+
+        Never raises for a failed poll or an action; an unexpected error inside
+        the poll is logged with its traceback and recorded as an ``internal``
+        failure.
+        """
+        result = await self._poll(target, resources, scheduled_at)
+        result.lateness_ms = lateness_ms
+        self._redact(result)
+        blocking_ms = self.config.poller.blocking_ms
+        if blocking_ms:
+            time.sleep(blocking_ms / 1000)  # benchmark aid: see PollerConfig.blocking_ms
+        logger.debug(
+            "polled target=%s ok=%s status=%s elapsed_ms=%.1f error_kind=%s",
+            target.name,
+            result.ok,
+            result.status_code,
+            result.elapsed_ms,
+            result.error_kind,
+        )
+        transition, snapshot, sequence = self._apply(target, result)
+        await self._save(result, snapshot)
+        self._publish(target.name, snapshot, sequence)
+        self._fire_actions(target, transition, snapshot, result, resources)
+        return result
+
+    async def _poll(
+        self, target: TargetConfig, resources: LoopResources, scheduled_at: float | None
+    ) -> PollResult:
+        try:
+            return await poll_http(
+                resources.clients.for_target(target),
+                target,
+                self._conditions[target.name],
+                max_body_bytes=self.config.poller.max_body_bytes,
+                scheduled_at=scheduled_at,
+            )
+        except Exception as exc:
+            logger.exception("poll of target %s failed with an unexpected error", target.name)
+            now = time.time()
+            return PollResult(
+                target=target.name,
+                ok=False,
+                scheduled_at=scheduled_at if scheduled_at is not None else now,
+                started_at=now,
+                elapsed_ms=0.0,
+                error_kind=ErrorKind.INTERNAL,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _redact(self, result: PollResult) -> None:
+        if result.error:
+            result.error = self.config.redact(result.error)
+        result.failed_conditions = [self.config.redact(text) for text in result.failed_conditions]
+
+    def _apply(
+        self, target: TargetConfig, result: PollResult
+    ) -> tuple[Transition | None, TargetStatus, int]:
+        with self._lock:
+            status = self._working[target.name]
+            transition = status.apply(result, target.success_threshold, target.failure_threshold)
+            self._sequence[target.name] += 1
+            return transition, copy.copy(status), self._sequence[target.name]
+
+    async def _save(self, result: PollResult, snapshot: TargetStatus) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.save(result, snapshot)
+        except StoreError as exc:
+            # The store logs each new write error once; keep it for /healthz.
+            self.store_error = str(exc)
+        else:
+            self.store_error = None
+
+    def _publish(self, name: str, snapshot: TargetStatus, sequence: int) -> None:
+        with self._lock:
+            published = self._published[name]
+            # A slower, older result (a poll on request beside a scheduled one)
+            # must not replace a newer one.
+            if self._published_sequence[name] > sequence:
+                return
+            snapshot.runs, snapshot.missed = published.runs, published.missed
+            snapshot.next_run_at = published.next_run_at
+            self._published[name] = snapshot
+            self._published_sequence[name] = sequence
+
+    def _fire_actions(
+        self,
+        target: TargetConfig,
+        transition: Transition | None,
+        snapshot: TargetStatus,
+        result: PollResult,
+        resources: LoopResources,
+    ) -> None:
+        if transition is not None:
+            logger.info(
+                "target %s changed from %s to %s",
+                target.name,
+                transition.previous,
+                transition.current,
+            )
+        previous = transition.previous if transition else snapshot.state
+        for index, action in enumerate(target.actions):
+            if should_fire(action, transition):
+                resources.spawn(
+                    self._run_action(action, target, snapshot.state, previous, result, resources),
+                    name=f"bgapi-action-{target.name}-{index}",
+                )
+
+    async def _run_action(
+        self,
+        action: ActionConfig,
+        target: TargetConfig,
+        state: State,
+        previous: State,
+        result: PollResult,
+        resources: LoopResources,
+    ) -> None:
+        try:
+            await run_action(action, target, state, previous, result, resources.clients.default())
+        except Exception:
+            logger.exception("%s action of target %s failed", action.type, target.name)
+
+
+def _result_from_dict(data: dict[str, Any]) -> PollResult:
+    def timestamp(text: str) -> float:
+        return datetime.fromisoformat(text).timestamp()
+
+    return PollResult(
+        target=data["target"],
+        ok=data["ok"],
+        scheduled_at=timestamp(data["scheduled_at"]),
+        started_at=timestamp(data["started_at"]),
+        elapsed_ms=data["elapsed_ms"],
+        status_code=data["status_code"],
+        error_kind=ErrorKind(data["error_kind"]) if data["error_kind"] else None,
+        error=data["error"],
+        failed_conditions=data["failed_conditions"],
+        lateness_ms=data["lateness_ms"],
+    )

@@ -1,0 +1,331 @@
+"""The result store: SQLite in WAL mode, written by one dedicated thread.
+
+Writes go through a queue to a writer thread that commits them in batches, so
+no event loop ever waits on the disk. :meth:`Store.save` resolves only after
+the transaction holding the result has committed: a result that the API has
+shown is already on disk. Reads open their own connection per thread, which
+WAL mode lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bgapi.errors import StoreError
+from bgapi.poll import PollResult
+from bgapi.state import TargetStatus
+
+__all__ = ["Store"]
+
+logger = logging.getLogger(__name__)
+
+# Commit at most this many results in one transaction.
+MAX_BATCH = 500
+# How long close() waits for the writer to flush what is queued.
+CLOSE_TIMEOUT_S = 5.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    scheduled_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    elapsed_ms REAL NOT NULL,
+    status_code INTEGER,
+    error_kind TEXT,
+    error TEXT,
+    failed_conditions TEXT NOT NULL,
+    lateness_ms REAL
+);
+CREATE INDEX IF NOT EXISTS results_by_target ON results (target, id);
+CREATE TABLE IF NOT EXISTS target_state (
+    target TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    consecutive_successes INTEGER NOT NULL,
+    consecutive_failures INTEGER NOT NULL,
+    last_success_at REAL,
+    last_change_at REAL,
+    last_result_id INTEGER
+);
+"""
+
+_INSERT_RESULT = """
+INSERT INTO results (target, ok, scheduled_at, started_at, elapsed_ms, status_code,
+                     error_kind, error, failed_conditions, lateness_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_UPSERT_STATE = """
+INSERT INTO target_state (target, state, consecutive_successes, consecutive_failures,
+                          last_success_at, last_change_at, last_result_id)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (target) DO UPDATE SET
+    state = excluded.state,
+    consecutive_successes = excluded.consecutive_successes,
+    consecutive_failures = excluded.consecutive_failures,
+    last_success_at = excluded.last_success_at,
+    last_change_at = excluded.last_change_at,
+    last_result_id = excluded.last_result_id
+"""
+
+_PRUNE = """
+DELETE FROM results WHERE target = ? AND id <= (
+    SELECT id FROM results WHERE target = ? ORDER BY id DESC LIMIT 1 OFFSET ?
+)
+"""
+
+
+@dataclass(slots=True)
+class _Write:
+    result: PollResult
+    status: tuple[Any, ...]
+    done: Callable[[BaseException | None], None]
+
+
+_STOP = object()
+
+
+class Store:
+    """A SQLite file of poll results and the last known state of each target."""
+
+    def __init__(self, path: str | Path, retention: int = 1000) -> None:
+        self.path = Path(path)
+        self.retention = retention
+        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._since_prune: dict[str, int] = {}
+        self._write_error: BaseException | None = None
+
+    def open(self) -> None:
+        """Create the schema if needed and start the writer thread.
+
+        Raises:
+            StoreError: the file cannot be created, opened or written.
+        """
+        try:
+            connection = self._connect()
+            connection.executescript(_SCHEMA)
+            connection.commit()
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open the store {str(self.path)!r}: {exc}; check that the directory "
+                "exists and is writable, or set [store] path"
+            ) from None
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
+        )
+        self._writer.start()
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close connections."""
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join(CLOSE_TIMEOUT_S)
+            if self._writer.is_alive():
+                logger.error("store writer did not finish within %.0f s", CLOSE_TIMEOUT_S)
+            self._writer = None
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+    async def save(self, result: PollResult, status: TargetStatus) -> None:
+        """Store ``result`` and the target's state; return once both are committed.
+
+        Raises:
+            StoreError: the write failed (disk full, read-only file, ...).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+        self.submit(result, status, done)
+        await future
+
+    def save_blocking(self, result: PollResult, status: TargetStatus) -> None:
+        """Store ``result`` from a thread without an event loop; wait for the commit."""
+        finished = threading.Event()
+        errors: list[BaseException] = []
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                errors.append(error)
+            finished.set()
+
+        self.submit(result, status, done)
+        finished.wait(CLOSE_TIMEOUT_S)
+        if errors:
+            raise errors[0]
+
+    def submit(
+        self, result: PollResult, status: TargetStatus, done: Callable[[BaseException | None], None]
+    ) -> None:
+        """Queue a write; ``done`` is called from the writer thread after the commit."""
+        if self._writer is None:
+            done(StoreError("the store is not open"))
+            return
+        row = (
+            status.name,
+            str(status.state),
+            status.consecutive_successes,
+            status.consecutive_failures,
+            status.last_success_at,
+            status.last_change_at,
+        )
+        self._queue.put(_Write(result, row, done))
+
+    def results(self, target: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Return the newest ``limit`` results of ``target``, newest first."""
+        rows = self._connect_for_reading().execute(
+            "SELECT * FROM results WHERE target = ? ORDER BY id DESC LIMIT ?", (target, limit)
+        )
+        return [_result_row(row) for row in rows]
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Return the stored state of every target, with its last result."""
+        rows = self._connect_for_reading().execute(
+            "SELECT s.*, r.* FROM target_state s LEFT JOIN results r ON r.id = s.last_result_id"
+        )
+        states = {}
+        for row in rows:
+            states[row["target"]] = {
+                "state": row["state"],
+                "consecutive_successes": row["consecutive_successes"],
+                "consecutive_failures": row["consecutive_failures"],
+                "last_success_at": row["last_success_at"],
+                "last_change_at": row["last_change_at"],
+                "last_result": _result_row(row) if row["id"] is not None else None,
+            }
+        return states
+
+    def count(self, target: str | None = None) -> int:
+        """Return how many results are stored, for one target or all."""
+        connection = self._connect_for_reading()
+        if target is None:
+            return int(connection.execute("SELECT count(*) FROM results").fetchone()[0])
+        query = "SELECT count(*) FROM results WHERE target = ?"
+        return int(connection.execute(query, (target,)).fetchone()[0])
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode loses no committed transaction when the process
+        # dies, only on power loss, and avoids an fsync per commit.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    def _connect_for_reading(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            try:
+                connection = self._connect()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the store {str(self.path)!r}: {exc}") from None
+            self._local.connection = connection
+        return connection
+
+    def _write_loop(self, connection: sqlite3.Connection) -> None:
+        try:
+            while True:
+                batch: list[_Write] = []
+                item = self._queue.get()
+                stopping = item is _STOP
+                if not stopping:
+                    batch.append(item)  # type: ignore[arg-type]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        continue
+                    batch.append(item)  # type: ignore[arg-type]
+                if batch:
+                    self._write_batch(connection, batch)
+                if stopping and self._queue.empty():
+                    return
+        finally:
+            connection.close()
+
+    def _write_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
+        error: BaseException | None = None
+        try:
+            with connection:
+                for write in batch:
+                    result = write.result
+                    cursor = connection.execute(
+                        _INSERT_RESULT,
+                        (
+                            result.target,
+                            int(result.ok),
+                            result.scheduled_at,
+                            result.started_at,
+                            result.elapsed_ms,
+                            result.status_code,
+                            str(result.error_kind) if result.error_kind else None,
+                            result.error,
+                            json.dumps(result.failed_conditions),
+                            result.lateness_ms,
+                        ),
+                    )
+                    connection.execute(_UPSERT_STATE, (*write.status, cursor.lastrowid))
+                    self._prune_if_due(connection, result.target)
+        except sqlite3.Error as exc:
+            error = StoreError(f"cannot write to the store {str(self.path)!r}: {exc}")
+            if self._write_error is None or str(self._write_error) != str(error):
+                logger.error("%s; %d results were not stored", error, len(batch))
+            self._write_error = error
+        else:
+            self._write_error = None
+        for write in batch:
+            write.done(error)
+
+    def _prune_if_due(self, connection: sqlite3.Connection, target: str) -> None:
+        # Pruning after every insert would double the writes; once per tenth of
+        # the retention keeps the table within 110 % of it.
+        count = self._since_prune.get(target, 0) + 1
+        if count < max(1, self.retention // 10):
+            self._since_prune[target] = count
+            return
+        self._since_prune[target] = 0
+        connection.execute(_PRUNE, (target, target, self.retention))
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _result_row(row: sqlite3.Row) -> dict[str, Any]:
+    result = PollResult(
+        target=row["target"],
+        ok=bool(row["ok"]),
+        scheduled_at=row["scheduled_at"],
+        started_at=row["started_at"],
+        elapsed_ms=row["elapsed_ms"],
+        status_code=row["status_code"],
+        error_kind=row["error_kind"],
+        error=row["error"],
+        failed_conditions=json.loads(row["failed_conditions"]),
+        lateness_ms=row["lateness_ms"],
+    )
+    return result.to_dict()
