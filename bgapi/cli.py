@@ -94,7 +94,9 @@ def _load(path: Path) -> Config:
 def _exit_config_error(exc: Exception) -> typer.Exit:
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    # soft_wrap: one problem stays on one line at any terminal width, so
+    # grep and CI logs see it whole.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     problems = getattr(exc, "problems", [str(exc)])
     console.print(f"[bold red]error:[/] invalid configuration ({len(problems)} problem(s)):")
     for problem in problems:

@@ -288,7 +288,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 
     Raises:
         ConfigError: the file is missing, is not valid TOML, names a missing
-            environment variable or holds invalid values. Every problem found is
+            environment variable or contains invalid values. Every problem found is
             listed, one per line.
     """
     source = str(path)
@@ -503,7 +503,8 @@ def _describe_kind(kind: str, ctx: Mapping[str, Any], fallback: str) -> str:
     if kind == "string_type":
         return "must be a string in double quotes"
     if kind in {"list_type", "tuple_type"}:
-        return "must be a list, e.g. [\"status == 200\"]"
+        # Not only conditions: `targets` and `actions` are lists of tables too.
+        return "must be a list: a TOML array [...] or repeated [[...]] tables"
     if kind in {"dict_type", "model_type", "model_attributes_type"}:
         return "must be a table"
     return fallback[0].lower() + fallback[1:] if fallback else kind

@@ -1,6 +1,6 @@
 """The poll itself: one HTTP request to a target, turned into a :class:`PollResult`.
 
-This module knows nothing about schedules, state or storage, so every
+This module has no notion of schedules, state or storage, so every
 strategy (thread, asyncio task, APScheduler) runs exactly this code. Every
 failure an upstream can cause becomes a result with an :class:`ErrorKind`;
 only bugs propagate as exceptions.
@@ -28,8 +28,8 @@ from bgapi.config import PollerConfig, TargetConfig
 __all__ = ["ErrorKind", "HttpClients", "PollResult", "format_timestamp", "poll_http"]
 
 USER_AGENT = f"bgapi/{__version__}"
-# A connection that takes longer than this is hopeless even when the target
-# allows a long total deadline; the rest of the deadline is left for the body.
+# Connecting may take at most this long even when the target allows a longer
+# total deadline, because the rest of the deadline is meant for the response.
 MAX_CONNECT_TIMEOUT_S = 10.0
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -86,7 +86,7 @@ def format_timestamp(timestamp: float) -> str:
 class HttpClients:
     """The ``httpx.AsyncClient`` instances of one event loop, one per TLS setting.
 
-    A client holds connections bound to the loop that created it, so each
+    A client keeps connections bound to the loop that created it, so each
     runner creates its own, reuses it for every poll and closes it on shutdown.
     """
 

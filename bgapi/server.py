@@ -1,9 +1,9 @@
 """The FastAPI application: targets, results, poller statistics and health.
 
-:func:`create_app` builds the app; nothing starts until uvicorn runs its
-lifespan, which opens the store, starts the runner and, on shutdown, stops
-them in reverse order: stop scheduling, end the poll in flight, close the
-HTTP clients, close the store.
+:func:`create_app` builds the app, and nothing starts until uvicorn runs its
+lifespan. The lifespan opens the store and starts the runner. On shutdown it
+stops scheduling, ends the poll in flight, closes the HTTP clients and then
+closes the store.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from bgapi import __version__
 from bgapi.config import Config
+from bgapi.metrics import create_registry
 from bgapi.poll import format_timestamp
 from bgapi.poller import LoopResources, Poller
 from bgapi.runners import Runner, create_runner
@@ -105,7 +106,7 @@ class HealthModel(BaseModel):
 
 
 class ErrorModel(BaseModel):
-    """An error answer."""
+    """An error response."""
 
     detail: str
 
@@ -134,6 +135,7 @@ def create_app(config: Config, *, mode: str | None = None, poll: bool = True) ->
         app.state.poller = poller
         app.state.runner = runner
         app.state.resources = resources
+        app.state.metrics = create_registry(poller)
         for warning in config.startup_warnings():
             logger.warning("%s", warning)
         if runner is not None:
@@ -212,6 +214,24 @@ def _add_routes(app: FastAPI, config: Config) -> None:
         assert target is not None
         result = await poller_of(request).check(target, request.app.state.resources)
         return result.to_dict()
+
+    @app.get("/", response_class=HTMLResponse)
+    def status_page(request: Request) -> str:
+        """Show every target's state as an HTML page that reloads itself."""
+        from bgapi.page import render_status_page
+
+        runner = runner_of(request)
+        stats = poller_of(request).stats.snapshot()
+        summary = f"{stats['runs']} run(s), {stats['missed']} missed slot(s)."
+        return render_status_page(poller_of(request).statuses(), runner.mode if runner else None, summary)
+
+    @app.get("/metrics", response_class=Response)
+    def metrics(request: Request) -> Response:
+        """Expose target states, response times and poller lateness to Prometheus."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        registry = request.app.state.metrics
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/poller", response_model=PollerModel)
     def poller_stats(request: Request) -> dict[str, Any]:

@@ -148,9 +148,11 @@ def test_slow_route_waits(upstream: Upstream, client: httpx.Client) -> None:
 
 
 def test_slow_route_triggers_read_timeout(upstream: Upstream) -> None:
-    with httpx.Client(timeout=httpx.Timeout(5.0, read=0.1)) as client:
-        with pytest.raises(httpx.ReadTimeout):
-            client.get(upstream.url("/slow?seconds=1"))
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.1)) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.get(upstream.url("/slow?seconds=1"))
 
 
 def test_delay_parameter_on_any_route(upstream: Upstream, client: httpx.Client) -> None:
@@ -170,9 +172,11 @@ def test_invalid_query_parameter_is_400(upstream: Upstream, client: httpx.Client
 
 
 def test_hang_never_responds(upstream: Upstream) -> None:
-    with httpx.Client(timeout=httpx.Timeout(5.0, read=0.2)) as client:
-        with pytest.raises(httpx.ReadTimeout):
-            client.get(upstream.url("/hang"))
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.2)) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        client.get(upstream.url("/hang"))
 
     assert upstream.hits["/hang"] == 1
     assert wait_until_no_connections(upstream)
@@ -183,13 +187,15 @@ def test_drip_defeats_read_timeout(upstream: Upstream) -> None:
     # client's own total deadline ends the response.
     received = b""
     deadline = time.monotonic() + 1.0
-    with httpx.Client(timeout=httpx.Timeout(5.0, read=0.5)) as client:
-        with client.stream("GET", upstream.url("/drip?seconds=0.1&bytes=1000")) as response:
-            assert response.headers["content-length"] == "1000"
-            for chunk in response.iter_raw():
-                received += chunk
-                if time.monotonic() > deadline:
-                    break
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.5)) as client,
+        client.stream("GET", upstream.url("/drip?seconds=0.1&bytes=1000")) as response,
+    ):
+        assert response.headers["content-length"] == "1000"
+        for chunk in response.iter_raw():
+            received += chunk
+            if time.monotonic() > deadline:
+                break
 
     assert 5 <= len(received) < 1000
     assert set(received) == {ord(".")}
@@ -197,13 +203,15 @@ def test_drip_defeats_read_timeout(upstream: Upstream) -> None:
 
 
 def test_drip_default_interval(upstream: Upstream) -> None:
-    with httpx.Client(timeout=CLIENT_TIMEOUT) as client:
-        with client.stream("GET", upstream.url("/drip")) as response:
-            iterator = response.iter_raw()
-            first = next(iterator)
-            started = time.monotonic()
-            second = next(iterator)
-            gap = time.monotonic() - started
+    with (
+        httpx.Client(timeout=CLIENT_TIMEOUT) as client,
+        client.stream("GET", upstream.url("/drip")) as response,
+    ):
+        iterator = response.iter_raw()
+        first = next(iterator)
+        started = time.monotonic()
+        second = next(iterator)
+        gap = time.monotonic() - started
 
     assert first == b"."
     assert second == b"."
@@ -271,13 +279,15 @@ def test_huge_small_body_is_complete(upstream: Upstream, client: httpx.Client) -
 
 def test_huge_stops_when_client_leaves(upstream: Upstream) -> None:
     received = 0
-    with httpx.Client(timeout=CLIENT_TIMEOUT) as client:
-        with client.stream("GET", upstream.url("/huge")) as response:
-            assert response.headers["content-length"] == str(300 * 1024 * 1024)
-            for chunk in response.iter_raw():
-                received += len(chunk)
-                if received >= 2 * 1024 * 1024:
-                    break
+    with (
+        httpx.Client(timeout=CLIENT_TIMEOUT) as client,
+        client.stream("GET", upstream.url("/huge")) as response,
+    ):
+        assert response.headers["content-length"] == str(300 * 1024 * 1024)
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received >= 2 * 1024 * 1024:
+                break
 
     assert received >= 2 * 1024 * 1024
     assert wait_until_no_connections(upstream)
@@ -288,9 +298,11 @@ def test_huge_stops_when_client_leaves(upstream: Upstream) -> None:
 
 
 def test_redirect_loop(upstream: Upstream) -> None:
-    with httpx.Client(timeout=CLIENT_TIMEOUT, follow_redirects=True, max_redirects=5) as client:
-        with pytest.raises(httpx.TooManyRedirects):
-            client.get(upstream.url("/redirect-loop"))
+    with (
+        httpx.Client(timeout=CLIENT_TIMEOUT, follow_redirects=True, max_redirects=5) as client,
+        pytest.raises(httpx.TooManyRedirects),
+    ):
+        client.get(upstream.url("/redirect-loop"))
 
     assert upstream.hits["/redirect-loop"] == 6
 
@@ -544,9 +556,11 @@ def test_url_before_start_raises() -> None:
 
 
 def test_tls_rejects_unknown_ca(tls_upstream: Upstream) -> None:
-    with httpx.Client(timeout=CLIENT_TIMEOUT) as client:
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            client.get(tls_upstream.url("/ok"))
+    with (
+        httpx.Client(timeout=CLIENT_TIMEOUT) as client,
+        pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+    ):
+        client.get(tls_upstream.url("/ok"))
 
 
 def test_tls_accepts_its_ca(tls_upstream: Upstream) -> None:

@@ -102,7 +102,7 @@ STATUS_DESCRIPTIONS = {
     "maintenance": "Service Under Maintenance",
 }
 
-# Responses with these codes must not have a body (RFC 9110, sections 15.3.5 and 15.4.5).
+# HTTP forbids a body in 204 and 304 responses (RFC 9110), so clients read none.
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -285,9 +285,10 @@ class Upstream:
 
     @property
     def errors(self) -> list[BaseException]:
-        """Copy of the unexpected exceptions that connection handlers raised.
+        """Copy of the unexpected exceptions raised in handlers or the event loop.
 
-        Client disconnects and malformed requests are expected and not listed.
+        Client disconnects, failed TLS handshakes and malformed requests are expected
+        and not listed.
         """
         with self._condition:
             return list(self._errors)
@@ -426,6 +427,7 @@ class Upstream:
     def _run_loop(self) -> None:
         """Run the event loop of the server thread until ``stop()`` is called."""
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._handle_loop_exception)
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())
@@ -436,6 +438,23 @@ class Upstream:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def _handle_loop_exception(
+        self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+    ) -> None:
+        """Log errors that asyncio reports outside the handlers, and record unexpected ones.
+
+        Failed TLS handshakes and client disconnects are expected, for example when a
+        test checks that a client rejects the certificate, so they are logged at DEBUG.
+        """
+        error = context.get("exception")
+        message = context.get("message", "unknown event loop error")
+        if isinstance(error, (ConnectionError, ssl.SSLError)):
+            logger.debug("upstream event loop: %s: %r", message, error)
+            return
+        logger.error("upstream event loop: %s", message, exc_info=error)
+        with self._condition:
+            self._errors.append(error or RuntimeError(message))
 
     async def _serve(self) -> None:
         """Listen until ``stop()`` sets the stopping event, then shut down."""
@@ -496,6 +515,11 @@ class Upstream:
                 keep_open = await self._serve_request(connection_id, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as error:
             logger.debug("upstream connection closed by the client: %r", error)
+        except asyncio.CancelledError:
+            # Only _shutdown() cancels handlers. The task ends normally because the
+            # done callback of asyncio 3.11's StreamReaderProtocol calls
+            # task.exception(), which raises and logs an error for a cancelled task.
+            logger.debug("upstream connection %d closed by stop()", connection_id)
         except Exception as error:
             logger.exception("upstream connection handler failed")
             with self._condition:
@@ -588,7 +612,8 @@ async def _read_request(
     except asyncio.LimitOverrunError:
         raise _BadRequest(431, f"request head is larger than {MAX_HEAD_BYTES} bytes") from None
 
-    # RFC 9112 section 2.2 lets a server ignore empty lines before the request line.
+    # RFC 9112 tells servers to ignore empty lines before the request line, which some
+    # old clients send after a POST body.
     lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")[:-2]
     if not lines:
         raise _BadRequest(400, "request line is missing")

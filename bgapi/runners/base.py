@@ -24,7 +24,7 @@ DEFAULT_STOP_TIMEOUT_S = 1.5
 
 
 class RunState(enum.StrEnum):
-    """Where a runner is in its life."""
+    """The lifecycle stage of a runner."""
 
     IDLE = "idle"
     STARTING = "starting"

@@ -1,8 +1,8 @@
 """Thread strategy: the poller runs on its own event loop in a dedicated thread.
 
-The server's event loop only serves requests; polls, their HTTP client and
+The server's event loop only serves requests. Polls, their HTTP client and
 their actions live on the thread's loop, so a slow or blocking poll never
-stalls the API (the GIL is still shared: CPU-heavy work slows both).
+stalls the API. The GIL is still shared, so CPU-heavy work slows both.
 """
 
 from __future__ import annotations
