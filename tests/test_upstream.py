@@ -528,6 +528,24 @@ def test_stop_with_requests_in_flight(tls: bool) -> None:
     assert server.errors == []
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_stop_with_idle_connections(tls: bool) -> None:
+    # Over TLS, the silent clients keep asyncio waiting for their handshakes.
+    server = Upstream(tls=tls).start()
+    sockets = [socket.create_connection((server.host, server.port), timeout=5.0) for _ in range(3)]
+    try:
+        time.sleep(0.1)
+        started = time.monotonic()
+        server.stop()
+        stop_duration = time.monotonic() - started
+    finally:
+        for sock in sockets:
+            sock.close()
+
+    assert stop_duration < STOP_TIMEOUT_S
+    assert server.errors == []
+
+
 def test_stop_is_idempotent() -> None:
     server = Upstream().start()
     server.stop()

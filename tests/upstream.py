@@ -78,10 +78,11 @@ LISTEN_BACKLOG = 1024
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 2.0
 # Share of STOP_TIMEOUT_S that stop() gives the connection handlers to unwind after
-# it cancels them. The rest covers closing the loop and joining the thread.
+# it cancels them. SERVER_CLOSE_TIMEOUT_S and LEFTOVER_TASK_TIMEOUT_S take most of the rest.
 HANDLER_CANCEL_TIMEOUT_S = 1.0
 CLOSE_TIMEOUT_S = 1.0
 SERVER_CLOSE_TIMEOUT_S = 0.5
+LEFTOVER_TASK_TIMEOUT_S = 0.2
 # A TLS close waits this long for the client's close_notify. asyncio's default is 30 s.
 TLS_SHUTDOWN_TIMEOUT_S = 1.0
 # /reset waits this long after its last write so the partial response leaves the
@@ -436,6 +437,7 @@ class Upstream:
             self._loop_error = error
             self._ready.set()
         finally:
+            _cancel_remaining_tasks(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
@@ -445,11 +447,12 @@ class Upstream:
         """Log errors that asyncio reports outside the handlers, and record unexpected ones.
 
         Failed TLS handshakes and client disconnects are expected, for example when a
-        test checks that a client rejects the certificate, so they are logged at DEBUG.
+        test checks that a client rejects the certificate, and so are handshakes that
+        shutdown cancels. They are logged at DEBUG.
         """
         error = context.get("exception")
         message = context.get("message", "unknown event loop error")
-        if isinstance(error, (ConnectionError, ssl.SSLError)):
+        if isinstance(error, (ConnectionError, ssl.SSLError, asyncio.CancelledError)):
             logger.debug("upstream event loop: %s: %r", message, error)
             return
         logger.error("upstream event loop: %s", message, exc_info=error)
@@ -756,6 +759,21 @@ def _utc_timestamp() -> str:
 
 
 # Connection helpers --------------------------------------------------------------
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still pending on ``loop`` and wait briefly for them to end.
+
+    Connection handlers have normally ended by now, but asyncio runs a task per TLS
+    handshake in progress. Closing the loop with a pending task logs "Task was
+    destroyed but it is pending".
+    """
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_TASK_TIMEOUT_S))
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:
