@@ -1,8 +1,10 @@
 """Shared pytest fixtures."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from helpers import ConfigWriter
 from upstream import Upstream
 
 
@@ -21,3 +23,9 @@ def tls_upstream() -> Iterator[Upstream]:
     """
     with Upstream(tls=True) as server:
         yield server
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> ConfigWriter:
+    """Return a ``helpers.ConfigWriter`` that writes TOML configs into ``tmp_path``."""
+    return ConfigWriter(tmp_path)

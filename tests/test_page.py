@@ -57,15 +57,18 @@ interval = 0.5
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline and process.poll() is None:
             try:
                 states = {t["name"]: t["state"] for t in httpx.get(f"{base}/api/targets").json()}
-                if "unknown" not in states.values():
-                    break
             except httpx.HTTPError:
                 pass
+            if states and "unknown" not in states.values():
+                break
             time.sleep(0.1)
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        assert states and "unknown" not in states.values(), f"targets never polled: {states}"
         yield base
     finally:
         process.terminate()

@@ -1,0 +1,279 @@
+"""The SQLite store: ordering, retention, state round-trips, WAL and commit-before-show."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from upstream import Upstream
+
+from bgapi.config import config_from_dict
+from bgapi.errors import StoreError
+from bgapi.poll import ErrorKind, PollResult, format_timestamp
+from bgapi.poller import LoopResources, Poller
+from bgapi.schedule import run_schedule
+from bgapi.state import State, TargetStatus
+from bgapi.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "results.db", retention=1000)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def _result(target: str, index: int, ok: bool = True) -> PollResult:
+    return PollResult(
+        target=target,
+        ok=ok,
+        scheduled_at=1_700_000_000.0 + index,
+        started_at=1_700_000_000.0 + index + 0.001,
+        elapsed_ms=float(index),
+        status_code=200 if ok else 503,
+        error_kind=None if ok else ErrorKind.HTTP_STATUS,
+        error=None if ok else "status == 200 failed: got 503",
+        failed_conditions=[] if ok else ["status == 200 failed: got 503"],
+        lateness_ms=0.5,
+    )
+
+
+def _save_all(store: Store, results: list[PollResult], status: TargetStatus | None = None) -> None:
+    async def save() -> None:
+        for result in results:
+            await store.save(result, status or TargetStatus(result.target))
+
+    asyncio.run(save())
+
+
+def _rows(path: Path, query: str, *params: object) -> list[tuple[object, ...]]:
+    """Read with a fresh connection, as another process would."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute(query, params).fetchall()
+
+
+def test_results_newest_first_with_limit(store: Store) -> None:
+    _save_all(store, [_result("a", index) for index in range(10)])
+    _save_all(store, [_result("b", 100)])
+
+    newest = store.results("a", limit=3)
+
+    assert [row["elapsed_ms"] for row in newest] == [9.0, 8.0, 7.0]
+    assert len(store.results("a", limit=100)) == 10
+    assert [row["target"] for row in store.results("b")] == ["b"]
+    assert store.results("missing") == []
+
+
+def test_result_round_trip(store: Store) -> None:
+    original = _result("a", 1, ok=False)
+    _save_all(store, [original])
+
+    (row,) = store.results("a")
+
+    assert row == original.to_dict()
+    assert row["error_kind"] == "http_status"
+    assert row["failed_conditions"] == ["status == 200 failed: got 503"]
+    assert row["started_at"] == format_timestamp(original.started_at)
+
+
+def test_retention_prunes_oldest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "small.db", retention=10)
+    store.open()
+    try:
+        _save_all(store, [_result("a", index) for index in range(50)])
+        _save_all(store, [_result("b", index) for index in range(3)])
+
+        kept = store.count("a")
+        newest = store.results("a", limit=1)
+    finally:
+        store.close()
+
+    # Pruning runs every retention/10 writes, so at most 10 % extra remain.
+    assert 10 <= kept <= 11
+    assert newest[0]["elapsed_ms"] == 49.0
+    assert store.count("b") == 3
+
+
+def test_save_is_committed_when_it_returns(store: Store) -> None:
+    _save_all(store, [_result("a", 7)])
+
+    rows = _rows(store.path, "SELECT target, elapsed_ms FROM results")
+
+    assert rows == [("a", 7.0)]
+
+
+def test_wal_mode(store: Store) -> None:
+    (mode,) = _rows(store.path, "PRAGMA journal_mode")[0]
+
+    assert mode == "wal"
+    assert Path(str(store.path) + "-wal").exists()
+
+
+def test_state_round_trips_through_restore(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {
+            "store": {"path": str(tmp_path / "state.db")},
+            "targets": [
+                {"name": "a", "url": "http://127.0.0.1:9/"},
+                {"name": "b", "url": "http://127.0.0.1:9/"},
+            ],
+        }
+    )
+    status = TargetStatus(
+        "a",
+        state=State.DOWN,
+        consecutive_failures=4,
+        last_success_at=1_700_000_000.5,
+        last_change_at=1_700_000_100.25,
+    )
+    last = _result("a", 3, ok=False)
+    store = Store(config.store.path)
+    store.open()
+    try:
+        _save_all(store, [_result("a", 2), last], status)
+    finally:
+        store.close()
+
+    reopened = Store(config.store.path)
+    reopened.open()
+    try:
+        poller = Poller(config, reopened)
+        poller.restore()
+        restored = poller.status("a")
+        untouched = poller.status("b")
+    finally:
+        reopened.close()
+
+    assert restored is not None
+    assert restored.state is State.DOWN
+    assert restored.consecutive_failures == 4
+    assert restored.consecutive_successes == 0
+    assert restored.last_success_at == 1_700_000_000.5
+    assert restored.last_change_at == 1_700_000_100.25
+    assert restored.last_result is not None
+    assert restored.last_result.to_dict() == last.to_dict()
+    assert untouched is not None
+    assert untouched.state is State.UNKNOWN
+    assert untouched.last_result is None
+
+
+def test_open_in_missing_directory(tmp_path: Path) -> None:
+    store = Store(tmp_path / "no" / "such" / "dir" / "x.db")
+
+    with pytest.raises(StoreError, match=r"cannot open the store .*x\.db.*\[store\] path"):
+        store.open()
+
+
+def test_save_on_closed_store_raises(tmp_path: Path) -> None:
+    store = Store(tmp_path / "closed.db")
+
+    with pytest.raises(StoreError, match="not open"):
+        _save_all(store, [_result("a", 1)])
+
+
+def test_save_blocking_from_thread(store: Store) -> None:
+    errors: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            store.save_blocking(_result("t", 1), TargetStatus("t"))
+        except BaseException as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    thread = threading.Thread(target=save)
+    thread.start()
+    thread.join(10)
+
+    assert errors == []
+    assert store.count("t") == 1
+
+
+def test_close_flushes_queue(tmp_path: Path) -> None:
+    store = Store(tmp_path / "flush.db")
+    store.open()
+    done: list[BaseException | None] = []
+    for index in range(200):
+        store.submit(_result("a", index), TargetStatus("a"), done.append)
+
+    store.close()
+
+    assert len(done) == 200
+    assert all(error is None for error in done)
+    assert _rows(tmp_path / "flush.db", "SELECT count(*) FROM results") == [(200,)]
+
+
+def test_shown_result_already_on_disk(tmp_path: Path, upstream: Upstream) -> None:
+    """Whatever ``Poller.status`` shows has committed, checked while polls run."""
+    path = tmp_path / "shown.db"
+    config = config_from_dict(
+        {
+            "store": {"path": str(path)},
+            "targets": [{"name": "t", "url": upstream.url("/ok"), "interval": 0.01}],
+        }
+    )
+    store = Store(path)
+    store.open()
+    poller = Poller(config, store)
+    missing: list[str] = []
+    checked = 0
+
+    async def watch() -> None:
+        nonlocal checked
+        resources = LoopResources(config)
+        task = asyncio.create_task(run_schedule(poller, resources))
+        deadline = time.monotonic() + 5.0
+        try:
+            while checked < 50 and time.monotonic() < deadline:
+                await asyncio.sleep(0.003)
+                status = poller.status("t")
+                if status is None or status.last_result is None:
+                    continue
+                started_at = status.last_result.started_at
+                found = _rows(path, "SELECT count(*) FROM results WHERE started_at = ?", started_at)
+                checked += 1
+                if found != [(1,)]:
+                    missing.append(format_timestamp(started_at))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await resources.aclose()
+
+    try:
+        asyncio.run(watch())
+    finally:
+        store.close()
+
+    assert checked >= 50
+    assert missing == []
+
+
+def test_writer_survives_closed_caller_loop(store: Store) -> None:
+    """A save whose event loop closed before the commit must not stop the writer."""
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # hold the write lock so the save stays pending
+
+    async def abandon_save() -> None:
+        asyncio.get_running_loop().create_task(store.save(_result("a", 1), TargetStatus("a")))
+        await asyncio.sleep(0.05)
+        # asyncio.run() now cancels the pending save and closes this loop.
+
+    try:
+        asyncio.run(abandon_save())
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+
+    async def save_again() -> None:
+        await asyncio.wait_for(store.save(_result("a", 2), TargetStatus("a")), timeout=5.0)
+
+    asyncio.run(save_again())
+
+    assert store.count("a") == 2
