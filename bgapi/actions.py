@@ -14,6 +14,7 @@ never delays the next poll, and a failing one is logged and forgotten.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import httpx
 
 from bgapi.config import ActionConfig, TargetConfig
-from bgapi.poll import PollResult
+from bgapi.poll import PollResult, format_timestamp
+from bgapi.security import signature_headers
 from bgapi.state import State, Transition
 
 __all__ = ["build_payload", "run_action", "should_fire"]
@@ -53,7 +55,7 @@ def build_payload(
         "target": target.name,
         "state": str(state),
         "previous_state": str(previous_state),
-        "sent_at": time.time(),
+        "sent_at": format_timestamp(time.time()),
         "result": result.to_dict(),
     }
 
@@ -123,12 +125,21 @@ async def _post_webhook(
 async def _try_post(
     action: ActionConfig, payload: dict[str, Any], client: httpx.AsyncClient
 ) -> str | None:
-    """POST once; return None on a 2xx answer, otherwise what went wrong."""
+    """POST once; return None on a 2xx answer, otherwise what went wrong.
+
+    With a ``secret``, each attempt is signed with a fresh timestamp, so a
+    retry passes a receiver's freshness check too.
+    """
     assert action.url is not None
+    # Serialized here, not by httpx, because the signature covers these exact bytes.
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = {"content-type": "application/json", **action.headers}
+    if action.secret:
+        headers.update(signature_headers(action.secret, body))
     try:
         async with asyncio.timeout(action.timeout):
             response = await client.post(
-                action.url, json=payload, headers=action.headers, timeout=action.timeout
+                action.url, content=body, headers=headers, timeout=action.timeout
             )
     except TimeoutError:
         return f"no answer within {action.timeout:g} s"

@@ -10,6 +10,8 @@ whose lines name the file, the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import ipaddress
 import os
 import re
 import tomllib
@@ -46,6 +48,7 @@ __all__ = [
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_TOKEN_ENV = "BGAPI_TOKEN"
 DEFAULT_MODE = "thread"
 DEFAULT_INTERVAL_S = 60.0
 DEFAULT_TIMEOUT_S = 10.0
@@ -56,6 +59,8 @@ DEFAULT_STORE_PATH = "bgapi.db"
 DEFAULT_RETENTION = 1000
 DEFAULT_WEBHOOK_TIMEOUT_S = 5.0
 DEFAULT_WEBHOOK_RETRIES = 3
+# Below this interval, polling a host other than this machine gets a warning.
+MIN_REMOTE_INTERVAL_S = 1.0
 
 Mode = Literal["thread", "asyncio", "apscheduler"]
 MODES: tuple[str, ...] = ("thread", "asyncio", "apscheduler")
@@ -69,6 +74,7 @@ MASK = "***"
 
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _check_condition(text: str) -> str:
@@ -85,17 +91,21 @@ ConditionText = Annotated[str, AfterValidator(_check_condition)]
 class _Section(BaseModel):
     """A config table: unknown keys are errors, secrets are masked in ``repr``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has real types, so "80" for a port or "yes" for a boolean
+    # is a mistake to report, not a value to convert.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     _secrets: frozenset[str] = PrivateAttr(default=frozenset())
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        redactor = _Redactor(set(self._secrets))
         for name, value in super().__repr_args__():
             if name == "headers" and isinstance(value, dict):
                 value = mask_headers(value)
-            elif isinstance(value, str):
-                value = _Redactor(set(self._secrets))(value)
-            yield name, value
+            elif name == "secret" and value is not None:
+                value = MASK
+            # Conditions, headers and JSON bodies hold strings inside lists and dicts.
+            yield name, _redact_nested(value, redactor)
 
 
 class ServerConfig(_Section):
@@ -103,26 +113,59 @@ class ServerConfig(_Section):
 
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    # The name of the variable, not the token: the token never sits in the file.
+    token_env: str = DEFAULT_TOKEN_ENV
+
+    _token: str | None = PrivateAttr(default=None)
+
+    @field_validator("token_env")
+    @classmethod
+    def _check_token_env(cls, name: str) -> str:
+        if not _ENV_NAME_PATTERN.match(name):
+            raise ValueError(
+                "must be the name of an environment variable (letters, digits and '_', "
+                'not starting with a digit), e.g. token_env = "BGAPI_TOKEN"'
+            )
+        return name
+
+    @property
+    def token(self) -> str | None:
+        """The bearer token that write endpoints require, read from ``token_env``; None if unset."""
+        return self._token
 
 
 class PollerConfig(_Section):
     """The ``[poller]`` section: strategy and defaults for every target."""
 
     mode: Mode = DEFAULT_MODE
-    interval: float = Field(DEFAULT_INTERVAL_S, gt=0)
-    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    # TOML allows inf and nan; an infinite interval breaks the slot arithmetic.
+    interval: float = Field(DEFAULT_INTERVAL_S, gt=0, allow_inf_nan=False)
+    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0, allow_inf_nan=False)
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_redirects: int = Field(DEFAULT_MAX_REDIRECTS, ge=0)
+    # The transport under httpx.AsyncClient: "auto" takes aiohttp when it is
+    # installed (several times faster per request), else httpx's own.
+    http_client: Literal["auto", "httpx", "aiohttp"] = "auto"
     # Benchmark aid: hold the poller's thread this long after each poll, the way a
     # blocking call inside an `async def` does. Zero in any real configuration.
     blocking_ms: float = Field(0.0, ge=0)
 
 
+    @field_validator("http_client")
+    @classmethod
+    def _check_http_client(cls, http_client: str) -> str:
+        if http_client == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+            raise ValueError(
+                'needs the aiohttp package; install it with pip install aiohttp, or set "auto"'
+            )
+        return http_client
+
+
 class StoreConfig(_Section):
     """The ``[store]`` section: the SQLite file and how much history it keeps."""
 
-    path: Path = Path(DEFAULT_STORE_PATH)
+    path: Path = Field(Path(DEFAULT_STORE_PATH), strict=False)
     retention: int = Field(DEFAULT_RETENTION, ge=1)
 
 
@@ -132,9 +175,11 @@ class ActionConfig(_Section):
     type: Literal["log", "webhook"]
     on: Literal["change", "down", "up", "always"] = "change"
     url: str | None = None
-    timeout: float = Field(DEFAULT_WEBHOOK_TIMEOUT_S, gt=0)
+    timeout: float = Field(DEFAULT_WEBHOOK_TIMEOUT_S, gt=0, allow_inf_nan=False)
     retries: int = Field(DEFAULT_WEBHOOK_RETRIES, ge=0, le=10)
     headers: dict[str, str] = Field(default_factory=dict)
+    # Key of the HMAC-SHA256 signature that webhooks carry; masked like a credential.
+    secret: str | None = Field(None, min_length=1)
 
     @field_validator("url")
     @classmethod
@@ -151,7 +196,7 @@ class ActionConfig(_Section):
 class TargetConfig(_Section):
     """One ``[[targets]]`` table: an HTTP endpoint to poll and what counts as up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     name: str
     url: str
@@ -160,8 +205,8 @@ class TargetConfig(_Section):
     body: str | None = None
     json_body: Any = Field(None, alias="json")
     # None means "take the [poller] default"; Config fills both in after validation.
-    interval: float | None = Field(None, gt=0)
-    timeout: float | None = Field(None, gt=0)
+    interval: float | None = Field(None, gt=0, allow_inf_nan=False)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     conditions: list[ConditionText] = Field(default_factory=list)
     failure_threshold: int = Field(1, ge=1)
     success_threshold: int = Field(1, ge=1)
@@ -169,7 +214,7 @@ class TargetConfig(_Section):
     enabled: bool = True
     follow_redirects: bool = True
     verify: bool = True
-    ca_bundle: Path | None = None
+    ca_bundle: Path | None = Field(None, strict=False)
 
     @field_validator("name")
     @classmethod
@@ -184,6 +229,16 @@ class TargetConfig(_Section):
     @classmethod
     def _check_url(cls, url: str) -> str:
         return _check_http_url(url)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(
+                "file not found; give the path of a PEM file of CA certificates, "
+                "or remove ca_bundle to use the system's CA store"
+            )
+        return path
 
     @field_validator("method")
     @classmethod
@@ -260,15 +315,18 @@ class Config(_Section):
 
     def redact(self, text: str) -> str:
         """Replace every secret value that appears in ``text`` with ``***``."""
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        return _Redactor(set(self._secrets))(text)
 
     def startup_warnings(self) -> list[str]:
         """Describe settings that are allowed but probably not what the user meant."""
         warnings = []
         for target in self.enabled_targets:
+            host = urlsplit(target.url).hostname or ""
+            if target.interval_s < MIN_REMOTE_INTERVAL_S and not _is_loopback(host):
+                warnings.append(
+                    f"target {target.name!r}: interval {target.interval_s:g} s polls {host} "
+                    f"{1 / target.interval_s:.0f} times a second; check that this is intended"
+                )
             if target.timeout_s > target.interval_s:
                 warnings.append(
                     f"target {target.name!r}: timeout {target.timeout_s:g} s is longer than its "
@@ -330,6 +388,10 @@ def config_from_dict(
             [_describe_validation_error(error, substituted, source, redactor) for error in exc.errors()]
         ) from None
     config._source = source
+    token = environ.get(config.server.token_env) or None
+    config.server._token = token
+    if token is not None:
+        secrets.add(token)
     config._secrets = frozenset(secret for secret in secrets if secret)
     for target in config.targets:
         target._secrets = config._secrets
@@ -345,9 +407,21 @@ def mask_headers(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def _redact_nested(value: Any, redactor: _Redactor) -> Any:
+    """Return ``value`` with secrets masked in every string inside lists, tuples and dicts."""
+    if isinstance(value, str):
+        return redactor(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_nested(item, redactor) for item in value)
+    if isinstance(value, dict):
+        return {key: _redact_nested(item, redactor) for key, item in value.items()}
+    return value
+
+
 class _Redactor:
     def __init__(self, secrets: set[str]) -> None:
-        self.secrets = [secret for secret in secrets if secret]
+        # Longest first, so a secret that contains another is masked whole.
+        self.secrets = sorted((secret for secret in secrets if secret), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
@@ -394,7 +468,7 @@ def _substitute(
 
 
 def _collect_header_secrets(data: Any, secrets: set[str]) -> None:
-    """Add the values of credential headers (Authorization, ...) to ``secrets``."""
+    """Add the values of credential headers (Authorization, ...) and webhook secrets to ``secrets``."""
     if not isinstance(data, Mapping):
         return
     for target in data.get("targets") or []:
@@ -402,6 +476,8 @@ def _collect_header_secrets(data: Any, secrets: set[str]) -> None:
             continue
         tables = [target, *[a for a in target.get("actions") or [] if isinstance(a, Mapping)]]
         for table in tables:
+            if isinstance(table.get("secret"), str):
+                secrets.add(table["secret"])
             headers = table.get("headers")
             if isinstance(headers, Mapping):
                 for key, value in headers.items():
@@ -454,10 +530,21 @@ def _allowed_keys(parent: tuple[str | int, ...]) -> list[str]:
     return [field.alias or name for name, field in model.model_fields.items()]
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _describe_validation_error(
     error: Mapping[str, Any], data: Any, source: str, redact: _Redactor
 ) -> str:
     loc = tuple(part for part in error["loc"] if not _is_internal_loc(part))
+    if len(loc) >= 2 and loc[-2] == "headers" and str(loc[-1]).lower() in SENSITIVE_HEADERS:
+        error = {**error, "input": MASK}
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
@@ -476,6 +563,8 @@ def _describe_validation_error(
         message = str(ctx.get("error", error["msg"]))
         if message.startswith("targets["):  # cross-field checks name their own path
             return f"{source}: {redact(message)}"
+        if isinstance(value, Mapping):  # a check across keys: the table is no help
+            return f"{source}: {where}: {redact(message)}"
         return f"{source}: {where}: {redact(message)} (got {redact(_show(value))})"
     return f"{source}: {where}: {_describe_kind(kind, ctx, error['msg'])}, got {redact(_show(value))}"
 
@@ -494,6 +583,8 @@ def _describe_kind(kind: str, ctx: Mapping[str, Any], fallback: str) -> str:
         return f"must be at most {ctx['le']}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}"
+    if kind == "finite_number":
+        return "must be a finite number, not inf or nan"
     if kind in {"float_type", "float_parsing", "int_from_float"}:
         return "must be a number" if kind != "int_from_float" else "must be a whole number"
     if kind in {"int_type", "int_parsing"}:

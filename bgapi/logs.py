@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 __all__ = ["RedactingFilter", "setup_logging"]
@@ -29,7 +30,20 @@ class RedactingFilter(logging.Filter):
         redacted = self._redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[0] is not None:
+            self._redact_traceback(record)
         return True
+
+    def _redact_traceback(self, record: logging.LogRecord) -> None:
+        # An exception's message may hold a secret (a URL with a token). When
+        # it does, the traceback becomes plain text in the message, because
+        # handlers such as RichHandler render exc_info themselves.
+        assert record.exc_info is not None
+        text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        redacted = self._redact(text)
+        if redacted != text:
+            record.msg, record.args = f"{record.getMessage()}\n{redacted}", None
+            record.exc_info, record.exc_text = None, None
 
 
 def setup_logging(level: str = "info", redact: Callable[[str], str] | None = None) -> None:
@@ -62,3 +76,5 @@ def setup_logging(level: str = "info", redact: Callable[[str], str] | None = Non
         logger.propagate = True
     # httpx logs every request at INFO; that is the poller's job, at DEBUG.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # APScheduler 3 logs every job run at INFO; bgapi logs its own polls at DEBUG.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

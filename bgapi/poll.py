@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import socket
 import ssl
 import time
@@ -122,6 +123,7 @@ class HttpClients:
         return httpx.AsyncClient(
             verify=tls,
             limits=limits,
+            transport=_transport(self._poller.http_client, tls, limits),
             max_redirects=self._poller.max_redirects,
             headers={"user-agent": USER_AGENT},
             # Every request passes its own timeout; this only guards misuse.
@@ -133,6 +135,24 @@ class HttpClients:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+
+def _transport(
+    choice: str, tls: bool | ssl.SSLContext, limits: httpx.Limits
+) -> httpx.AsyncBaseTransport | None:
+    """Return the aiohttp transport unless ``choice`` is "httpx" or aiohttp is missing.
+
+    None makes httpx use its own transport.
+    """
+    if choice == "httpx":
+        return None
+    try:
+        from bgapi.aiohttp_transport import AiohttpTransport
+    except ImportError:
+        if choice == "aiohttp":
+            raise
+        return None
+    return AiohttpTransport(verify=tls, limits=limits)
 
 
 async def poll_http(
@@ -179,7 +199,11 @@ async def poll_http(
         return _fail(result, start, ErrorKind.TIMEOUT, f"no complete response within {deadline_s:g} s")
     except _BodyTooLarge:
         return _fail(
-            result, start, ErrorKind.TOO_LARGE, f"body exceeds the limit of {max_body_bytes} bytes"
+            result,
+            start,
+            ErrorKind.TOO_LARGE,
+            f"body exceeds the limit of {max_body_bytes} bytes; reading stopped there "
+            "(raise [poller] max_body_bytes if the body is expected)",
         )
     except httpx.HTTPError as exc:
         kind, message = classify_http_error(exc)
@@ -237,18 +261,26 @@ def classify_http_error(exc: httpx.HTTPError) -> tuple[ErrorKind, str]:
     """Map an httpx exception to an error kind and a one-line message."""
     causes = list(_cause_chain(exc))
     if isinstance(exc, httpx.TooManyRedirects):
-        return ErrorKind.TOO_MANY_REDIRECTS, str(exc)
+        return ErrorKind.TOO_MANY_REDIRECTS, (
+            f"too many redirects, the last to {_request_url(exc)}; raise [poller] max_redirects "
+            "or set follow_redirects = false for this target"
+        )
     if isinstance(exc, httpx.TimeoutException):
         phase = type(exc).__name__.removesuffix("Timeout").lower() or "request"
         return ErrorKind.TIMEOUT, f"{phase} timed out"
     if any(isinstance(cause, socket.gaierror) for cause in causes) or _looks_like_dns(exc):
         return ErrorKind.DNS, f"name resolution failed: {_first_line(exc)}"
     if any(isinstance(cause, ssl.SSLError) for cause in causes) or "SSL" in str(exc):
-        return ErrorKind.TLS, f"TLS handshake failed: {_first_line(exc)}"
+        message = f"TLS handshake failed: {_first_line(exc)}"
+        if "CERTIFICATE_VERIFY_FAILED" in message:
+            message += "; give the issuing CA with ca_bundle, or set verify = false for this target"
+        return ErrorKind.TLS, message
     if isinstance(exc, httpx.ConnectError):
-        return ErrorKind.CONNECT, f"connection failed: {_first_line(exc)}"
-    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.CloseError)):
-        return ErrorKind.CONNECT, f"connection broken: {_first_line(exc) or 'reset by peer'}"
+        return ErrorKind.CONNECT, f"connection failed: {_root_message(causes)}"
+    if isinstance(exc, httpx.ReadError):
+        return ErrorKind.CONNECT, f"connection broken while reading the response: {_root_message(causes)}"
+    if isinstance(exc, (httpx.WriteError, httpx.CloseError)):
+        return ErrorKind.CONNECT, f"connection broken while sending the request: {_root_message(causes)}"
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError)):
         return ErrorKind.PROTOCOL, f"invalid HTTP response: {_first_line(exc)}"
     return ErrorKind.PROTOCOL, f"{type(exc).__name__}: {_first_line(exc)}"
@@ -268,6 +300,28 @@ def _looks_like_dns(exc: BaseException) -> bool:
     return "Name or service not known" in text or "nodename nor servname" in text or (
         "Temporary failure in name resolution" in text
     )
+
+
+def _root_message(causes: list[BaseException]) -> str:
+    """Describe the root cause: the deepest OSError's errno, else the first message.
+
+    httpx's errors often say little ("", "All connection attempts failed");
+    the OSError they wrap says what happened ("Connection refused").
+    """
+    for cause in reversed(causes):
+        if isinstance(cause, OSError) and cause.errno:
+            return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+    for cause in causes:
+        if str(cause).strip():
+            return _first_line(cause)
+    return type(causes[0]).__name__ if causes else "unknown error"
+
+
+def _request_url(exc: httpx.HTTPError) -> str:
+    try:
+        return str(exc.request.url)
+    except RuntimeError:  # httpx raises this when the exception has no request
+        return "an unknown URL"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from bgapi.poll import PollResult
+from bgapi.poll import PollResult, format_timestamp
 
 __all__ = ["LatenessStats", "State", "TargetStatus", "Transition"]
 
@@ -87,9 +87,9 @@ class TargetStatus:
             "consecutive_successes": self.consecutive_successes,
             "consecutive_failures": self.consecutive_failures,
             "last_result": self.last_result.to_dict() if self.last_result else None,
-            "last_success_at": self.last_success_at,
-            "last_change_at": self.last_change_at,
-            "next_run_at": self.next_run_at,
+            "last_success_at": _iso(self.last_success_at),
+            "last_change_at": _iso(self.last_change_at),
+            "next_run_at": _iso(self.next_run_at),
             "runs": self.runs,
             "missed": self.missed,
         }
@@ -135,6 +135,10 @@ class LatenessStats:
                 "samples": len(samples),
             },
         }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else format_timestamp(timestamp)
 
 
 def _percentile(sorted_samples: list[float], fraction: float) -> float | None:

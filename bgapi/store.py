@@ -10,6 +10,7 @@ WAL mode lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -28,6 +29,8 @@ __all__ = ["Store"]
 
 logger = logging.getLogger(__name__)
 
+# Stored as PRAGMA user_version; raise it when the schema changes.
+SCHEMA_VERSION = 1
 # Commit at most this many results in one transaction.
 MAX_BATCH = 500
 # How long close() waits for the writer to flush what is queued.
@@ -106,6 +109,8 @@ class Store:
         self._local = threading.local()
         self._since_prune: dict[str, int] = {}
         self._write_error: BaseException | None = None
+        # Results lost since the current run of write errors began.
+        self._unstored = 0
 
     def open(self) -> None:
         """Create the schema if needed and start the writer thread.
@@ -113,14 +118,20 @@ class Store:
         Raises:
             StoreError: the file cannot be created, opened or written.
         """
+        connection: sqlite3.Connection | None = None
         try:
             connection = self._connect()
             connection.executescript(_SCHEMA)
+            # Also a write probe: a read-only file or directory fails here, at
+            # startup, instead of at the first result.
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             connection.commit()
         except sqlite3.Error as exc:
+            if connection is not None:
+                connection.close()
             raise StoreError(
                 f"cannot open the store {str(self.path)!r}: {exc}; check that the directory "
-                "exists and is writable, or set [store] path"
+                "exists and that it and the file are writable, or set [store] path"
             ) from None
         self._writer = threading.Thread(
             target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
@@ -150,7 +161,11 @@ class Store:
         future: asyncio.Future[None] = loop.create_future()
 
         def done(error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, future, error)
+            # The caller's loop may have closed meanwhile (a runner's thread
+            # stopped with this save pending). Raising here would kill the
+            # writer thread and leave every later save waiting forever.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, error)
 
         self.submit(result, status, done)
         await future
@@ -286,12 +301,25 @@ class Store:
                     connection.execute(_UPSERT_STATE, (*write.status, cursor.lastrowid))
                     self._prune_if_due(connection, result.target)
         except sqlite3.Error as exc:
-            error = StoreError(f"cannot write to the store {str(self.path)!r}: {exc}")
+            error = StoreError(
+                f"cannot write to the store {str(self.path)!r}: {exc}; check the free disk "
+                "space and that the file and its directory are writable"
+            )
+            # Logged once per distinct error; the count of lost results goes
+            # into the line that reports the recovery.
             if self._write_error is None or str(self._write_error) != str(error):
                 logger.error("%s; %d results were not stored", error, len(batch))
             self._write_error = error
+            self._unstored += len(batch)
         else:
+            if self._write_error is not None:
+                logger.warning(
+                    "the store %r accepts writes again; %d results were not stored meanwhile",
+                    str(self.path),
+                    self._unstored,
+                )
             self._write_error = None
+            self._unstored = 0
         for write in batch:
             write.done(error)
 
