@@ -40,6 +40,14 @@ class Mode(str, enum.Enum):
     apscheduler = "apscheduler"
 
 
+class HttpClient(str, enum.Enum):
+    """Transports under ``httpx.AsyncClient``, as in ``[poller] http_client``."""
+
+    auto = "auto"
+    httpx = "httpx"
+    aiohttp = "aiohttp"
+
+
 class LogLevel(str, enum.Enum):
     """Log levels, most severe first."""
 
@@ -62,11 +70,11 @@ ConfigOption = Annotated[
 ]
 HostOption = Annotated[
     Optional[str],  # noqa: UP007 - typer needs Optional here on some versions
-    typer.Option(help="Address the API listens on [default: [server] host, 127.0.0.1]."),
+    typer.Option(help="Address the API listens on. Default: server.host from the config (127.0.0.1)."),
 ]
 PortOption = Annotated[
     Optional[int],  # noqa: UP007
-    typer.Option(min=0, max=65535, help="TCP port the API listens on [default: [server] port, 8000]."),
+    typer.Option(min=0, max=65535, help="TCP port the API listens on. Default: server.port from the config (8000)."),
 ]
 LogLevelOption = Annotated[
     LogLevel, typer.Option("--log-level", help="Lowest level of log messages to show.")
@@ -105,8 +113,15 @@ def _exit_config_error(exc: Exception) -> typer.Exit:
 
 
 @app.command("check-config")
-def check_config(config: Annotated[Path, typer.Argument(help="TOML configuration file.", dir_okay=False)]) -> None:
+def check_config(
+    file: Annotated[
+        Optional[Path],  # noqa: UP007
+        typer.Argument(help="TOML configuration file; the same as --config.", dir_okay=False),
+    ] = None,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
     """Validate a configuration file without starting anything."""
+    config = file or config
     loaded = _load(config)
     typer.echo(f"{config}: OK, {len(loaded.targets)} target(s), {len(loaded.enabled_targets)} enabled")
     for warning in loaded.startup_warnings():
@@ -118,17 +133,37 @@ def run_all(
     config: ConfigOption = Path("config.toml"),
     mode: Annotated[
         Optional[Mode],  # noqa: UP007
-        typer.Option(help="Where the poller runs [default: [poller] mode, thread]."),
+        typer.Option(help="Where the poller runs. Default: poller.mode from the config (thread)."),
     ] = None,
     host: HostOption = None,
     port: PortOption = None,
     log_level: LogLevelOption = LogLevel.info,
     access_log: AccessLogOption = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes that serve the API; exactly one of them polls, "
+            "and another takes over if it dies.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the API and run the poller beside it until SIGINT or SIGTERM."""
     loaded = _load(config)
     chosen = mode.value if mode else loaded.poller.mode
     _check_mode_available(chosen)
+    if workers > 1:
+        _serve_workers(
+            config,
+            loaded,
+            chosen,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=access_log,
+        )
+        return
     _serve(loaded, chosen, poll=True, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
@@ -168,6 +203,10 @@ def poll_once(
         names = ", ".join(t.name for t in loaded.targets) or "none"
         typer.echo(f"error: no target named {target!r} in {config}; targets: {names}", err=True)
         raise typer.Exit(2)
+    if target is None and not loaded.enabled_targets:
+        # Nothing polled means nothing is known to be up: a cron check must not pass.
+        typer.echo(f"error: {config} has no enabled target; enable one or pass --target NAME", err=True)
+        raise typer.Exit(1)
     statuses = _run_or_exit(lambda: poll_all(loaded, target, progress=not as_json))
     if as_json:
         print_json(loaded, statuses)
@@ -178,17 +217,33 @@ def poll_once(
 
 @app.command("compare")
 def compare(
-    modes: Annotated[str, typer.Option(help="Comma-separated strategies to measure.")] = "thread,asyncio",
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated modes to measure: thread, asyncio, apscheduler, "
+            "and the peers fixed-delay, bare-thread, bare-asyncio."
+        ),
+    ] = "thread,asyncio",
     targets: Annotated[int, typer.Option(min=1, help="Number of generated targets.")] = 50,
     interval: Annotated[float, typer.Option(min=0.001, help="Poll interval of every target, in seconds.")] = 1.0,
     duration: Annotated[float, typer.Option(min=0.5, help="Measured time of each run, in seconds.")] = 10.0,
     load: Annotated[int, typer.Option(min=0, help="Concurrent API clients during each run (0: none).")] = 0,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Total API requests per second of the clients (0: as fast as they can).")
+    ] = 0.0,
+    warmup: Annotated[
+        Optional[float],  # noqa: UP007
+        typer.Option(min=0, help="Seconds from server start to the measured window (default: interval + 0.5, at most 10.5)."),
+    ] = None,
     blocking_ms: Annotated[
         float, typer.Option(min=0, help="Milliseconds every poll blocks its thread, as a blocking call would.")
     ] = 0.0,
     repeat: Annotated[int, typer.Option(min=1, help="Repetitions of each mode, interleaved.")] = 3,
+    http_client: Annotated[
+        HttpClient, typer.Option(help="Transport under httpx in the measured server (poller.http_client).")
+    ] = HttpClient.auto,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw figure to this JSON file.")] = None,  # noqa: UP007
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the distributions (needs bgapi[plot]).")] = None,  # noqa: UP007
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the distributions (needs bgapi\\[plot]).")] = None,  # noqa: UP007
 ) -> None:
     """Measure the strategies side by side against a built-in local upstream."""
     from bgapi.compare import run_compare
@@ -203,6 +258,9 @@ def compare(
         repeat=repeat,
         json_path=json_path,
         plot_path=plot,
+        rate=rate,
+        warmup=warmup,
+        http_client=http_client.value,
     )
     raise typer.Exit(code)
 
@@ -231,6 +289,54 @@ def _run_or_exit(function: Callable[[], list[TargetStatus]]) -> list[TargetStatu
         raise typer.Exit(1) from None
 
 
+def _check_store(config: Config) -> None:
+    """Exit 1 with one line if the store cannot be opened for writing.
+
+    The server's startup opens it again; a failure there would print
+    uvicorn's traceback instead of this message.
+    """
+    from bgapi.errors import StoreError
+    from bgapi.store import Store
+
+    store = Store(config.store.path, config.store.retention)
+    try:
+        store.open()
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    store.close()
+
+
+def _serve_workers(
+    path: Path,
+    config: Config,
+    mode: str,
+    *,
+    workers: int,
+    host: str | None,
+    port: int | None,
+    log_level: LogLevel,
+    access_log: bool,
+) -> None:
+    from bgapi.logs import setup_logging
+    from bgapi.workers import run_workers
+
+    setup_logging(log_level.value, config.redact)
+    _check_store(config)
+    started = run_workers(
+        path,
+        workers=workers,
+        mode=mode,
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        log_level=log_level.value,
+        access_log=access_log,
+    )
+    if not started:
+        raise typer.Exit(1)
+    logger.info("bgapi stopped")
+
+
 def _serve(
     config: Config,
     mode: str | None,
@@ -245,6 +351,7 @@ def _serve(
     from bgapi.server import create_app, run_server
 
     setup_logging(log_level.value, config.redact)
+    _check_store(config)
     web_app = create_app(config, mode=mode, poll=poll)
     started = run_server(
         web_app,

@@ -13,24 +13,32 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from bgapi.actions import run_action, should_fire
 from bgapi.conditions import Condition, default_conditions, parse_conditions
 from bgapi.config import ActionConfig, Config, TargetConfig
 from bgapi.errors import StoreError
+from bgapi.jobs import Job
 from bgapi.poll import ErrorKind, HttpClients, PollResult, poll_http
 from bgapi.state import LatenessStats, State, TargetStatus, Transition
 from bgapi.store import Store
 
-__all__ = ["LoopResources", "Poller"]
+__all__ = ["LoopResources", "Poller", "Target"]
 
 logger = logging.getLogger(__name__)
 
 # At shutdown, actions still running (a webhook being retried) get this long.
 ACTION_GRACE_S = 0.5
+# Actions running at once per event loop. Beyond this (a webhook receiver that
+# is down while results keep firing `always` actions) new actions are dropped,
+# so memory stays bounded.
+MAX_RUNNING_ACTIONS = 1000
+
+Target: TypeAlias = TargetConfig | Job
+"""Anything the poller schedules: an HTTP target from the config or a custom job."""
 
 
 class LoopResources:
@@ -43,9 +51,25 @@ class LoopResources:
     def __init__(self, config: Config) -> None:
         self.clients = HttpClients(config.poller)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped_actions = 0
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
-        """Run ``coroutine`` as a task that :meth:`aclose` waits for or cancels."""
+        """Run ``coroutine`` as a task that :meth:`aclose` waits for or cancels.
+
+        Drops it, with a warning for the first and every 100th drop, while
+        :data:`MAX_RUNNING_ACTIONS` tasks are already running.
+        """
+        if len(self._tasks) >= MAX_RUNNING_ACTIONS:
+            coroutine.close()
+            self.dropped_actions += 1
+            if self.dropped_actions % 100 == 1:
+                logger.warning(
+                    "dropped action %s: %d actions are still running; %d dropped so far",
+                    name,
+                    len(self._tasks),
+                    self.dropped_actions,
+                )
+            return
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -69,7 +93,13 @@ class Poller:
     behind a lock, and the API sees a result only after it is committed.
     """
 
-    def __init__(self, config: Config, store: Store | None = None, mode: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        mode: str | None = None,
+        jobs: Iterable[Job] = (),
+    ) -> None:
         self.config = config
         self.store = store
         self.mode = mode or config.poller.mode
@@ -86,23 +116,64 @@ class Poller:
         self._published = {name: copy.copy(status) for name, status in self._working.items()}
         self._sequence = {target.name: 0 for target in config.targets}
         self._published_sequence = dict(self._sequence)
+        self._jobs: dict[str, Job] = {}
+        for job in jobs:
+            self.add_job(job)
+
+    def add_job(self, job: Job) -> None:
+        """Register a custom job beside the HTTP targets, before the runner starts.
+
+        Raises:
+            ValueError: a target or another job already has the job's name.
+        """
+        with self._lock:
+            if job.name in self._working:
+                raise ValueError(
+                    f"cannot add job {job.name!r}: a target or job with this name exists; "
+                    "give the job another name with job(..., name=...)"
+                )
+            self._jobs[job.name] = job
+            self._working[job.name] = TargetStatus(job.name)
+            self._published[job.name] = TargetStatus(job.name)
+            self._sequence[job.name] = 0
+            self._published_sequence[job.name] = 0
+
+    @property
+    def targets(self) -> list[Target]:
+        """The HTTP targets of the config, then the custom jobs, enabled or not."""
+        return [*self.config.targets, *self._jobs.values()]
+
+    @property
+    def enabled_targets(self) -> list[Target]:
+        """The targets and jobs that runners schedule."""
+        return [target for target in self.targets if target.enabled]
+
+    def target(self, name: str) -> Target | None:
+        """Return the target or job called ``name``, or None."""
+        return self._jobs.get(name) or self.config.target(name)
 
     def restore(self) -> None:
-        """Load each target's last state and result from the store, if there is one."""
+        """Load each target's last state and result from the store, if there is one.
+
+        A process that does not poll calls this again to show what the
+        polling process has stored since.
+        """
         if self.store is None:
             return
-        for name, saved in self.store.states().items():
-            if name not in self._working:
-                continue
-            status = self._working[name]
-            status.state = State(saved["state"])
-            status.consecutive_successes = saved["consecutive_successes"]
-            status.consecutive_failures = saved["consecutive_failures"]
-            status.last_success_at = saved["last_success_at"]
-            status.last_change_at = saved["last_change_at"]
-            if saved["last_result"] is not None:
-                status.last_result = _result_from_dict(saved["last_result"])
-            self._published[name] = copy.copy(status)
+        saved_states = self.store.states()
+        with self._lock:
+            for name, saved in saved_states.items():
+                if name not in self._working:
+                    continue
+                status = self._working[name]
+                status.state = State(saved["state"])
+                status.consecutive_successes = saved["consecutive_successes"]
+                status.consecutive_failures = saved["consecutive_failures"]
+                status.last_success_at = saved["last_success_at"]
+                status.last_change_at = saved["last_change_at"]
+                if saved["last_result"] is not None:
+                    status.last_result = _result_from_dict(saved["last_result"])
+                self._published[name] = copy.copy(status)
 
     def status(self, name: str) -> TargetStatus | None:
         """Return a copy of the target's published status, or None for an unknown name."""
@@ -111,9 +182,9 @@ class Poller:
             return copy.copy(status) if status is not None else None
 
     def statuses(self) -> list[TargetStatus]:
-        """Return a copy of every target's published status, in config order."""
+        """Return a copy of every target's published status: config order, then the jobs."""
         with self._lock:
-            return [copy.copy(self._published[target.name]) for target in self.config.targets]
+            return [copy.copy(self._published[target.name]) for target in self.targets]
 
     def set_next_run(self, name: str, next_run_at: float) -> None:
         """Record when the target's next scheduled poll starts (Unix time)."""
@@ -140,7 +211,7 @@ class Poller:
 
     async def check(
         self,
-        target: TargetConfig,
+        target: Target,
         resources: LoopResources,
         *,
         scheduled_at: float | None = None,
@@ -173,9 +244,11 @@ class Poller:
         return result
 
     async def _poll(
-        self, target: TargetConfig, resources: LoopResources, scheduled_at: float | None
+        self, target: Target, resources: LoopResources, scheduled_at: float | None
     ) -> PollResult:
         try:
+            if isinstance(target, Job):
+                return await target.run(scheduled_at)
             return await poll_http(
                 resources.clients.for_target(target),
                 target,
@@ -202,7 +275,7 @@ class Poller:
         result.failed_conditions = [self.config.redact(text) for text in result.failed_conditions]
 
     def _apply(
-        self, target: TargetConfig, result: PollResult
+        self, target: Target, result: PollResult
     ) -> tuple[Transition | None, TargetStatus, int]:
         with self._lock:
             status = self._working[target.name]
@@ -235,7 +308,7 @@ class Poller:
 
     def _fire_actions(
         self,
-        target: TargetConfig,
+        target: Target,
         transition: Transition | None,
         snapshot: TargetStatus,
         result: PollResult,
@@ -259,14 +332,16 @@ class Poller:
     async def _run_action(
         self,
         action: ActionConfig,
-        target: TargetConfig,
+        target: Target,
         state: State,
         previous: State,
         result: PollResult,
         resources: LoopResources,
     ) -> None:
         try:
-            await run_action(action, target, state, previous, result, resources.clients.default())
+            # Actions read only the target's name, which a job has as well.
+            client = resources.clients.default()
+            await run_action(action, target, state, previous, result, client)  # type: ignore[arg-type]
         except Exception:
             logger.exception("%s action of target %s failed", action.type, target.name)
 

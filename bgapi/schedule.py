@@ -17,9 +17,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 
-from bgapi.config import TargetConfig
-from bgapi.poller import LoopResources, Poller
+from bgapi.poller import LoopResources, Poller, Target
 
 __all__ = ["latest_slot", "next_slot", "run_schedule", "start_offsets"]
 
@@ -50,7 +50,7 @@ def next_slot(t0: float, interval: float, done: int, now: float) -> tuple[int, i
     return upcoming, upcoming - following
 
 
-def start_offsets(targets: list[TargetConfig]) -> list[float]:
+def start_offsets(targets: Sequence[Target]) -> list[float]:
     """Return each target's first-run offset in seconds, spreading targets evenly.
 
     Polling every target at the same instant makes a burst of requests and
@@ -69,9 +69,9 @@ async def run_schedule(poller: Poller, resources: LoopResources) -> None:
         asyncio.CancelledError: when the runner stops it; the polls in flight
             are cancelled and awaited first.
     """
-    targets = poller.config.enabled_targets
+    targets = poller.enabled_targets
     if not targets:
-        logger.info("no enabled targets; the poller has nothing to do")
+        logger.info("no enabled targets or jobs; the poller has nothing to do")
         await asyncio.Event().wait()
     start = time.monotonic()
     tasks = [
@@ -89,7 +89,7 @@ async def run_schedule(poller: Poller, resources: LoopResources) -> None:
 
 
 async def _run_target(
-    poller: Poller, target: TargetConfig, resources: LoopResources, t0: float
+    poller: Poller, target: Target, resources: LoopResources, t0: float
 ) -> None:
     interval = target.interval_s
     # Wall-clock time of a monotonic instant, for the timestamps users read.

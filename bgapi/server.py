@@ -10,28 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import signal
+import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from bgapi import __version__
+from bgapi.background import BackgroundPoller
 from bgapi.config import Config
-from bgapi.metrics import create_registry
+from bgapi.jobs import Job
 from bgapi.poll import format_timestamp
-from bgapi.poller import LoopResources, Poller
-from bgapi.runners import Runner, create_runner
+from bgapi.poller import Poller
+from bgapi.runners import Runner
+from bgapi.security import WriteGuard, describe_write_access, install_openapi_security
 from bgapi.state import TargetStatus
-from bgapi.store import Store
 
-__all__ = ["Server", "create_app", "run_server"]
+__all__ = ["Server", "add_api_routes", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +59,19 @@ class ResultModel(BaseModel):
 
 
 class TargetModel(BaseModel):
-    """A target's configuration summary and live state."""
+    """A target's or custom job's configuration summary and live state.
+
+    A job (``kind`` "job") has no ``url`` or ``method``, and no ``timeout_s``
+    unless one was given.
+    """
 
     name: str
-    url: str
-    method: str
+    kind: Literal["http", "job"]
+    url: str | None
+    method: str | None
     enabled: bool
     interval_s: float
-    timeout_s: float
+    timeout_s: float | None
     state: Literal["up", "down", "unknown"]
     last_result: ResultModel | None
     consecutive_successes: int
@@ -95,6 +104,9 @@ class PollerModel(BaseModel):
     targets: int
     first_run_at: str | None
     error: str | None
+    polling: bool
+    worker_pid: int
+    poller_pid: int | None
 
 
 class HealthModel(BaseModel):
@@ -111,59 +123,86 @@ class ErrorModel(BaseModel):
     detail: str
 
 
-_NOT_FOUND = {404: {"model": ErrorModel, "description": "No target has this name."}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorModel, "description": "No target has this name."}
+}
 
 
-def create_app(config: Config, *, mode: str | None = None, poll: bool = True) -> FastAPI:
+def create_app(
+    config: Config,
+    *,
+    mode: str | None = None,
+    poll: bool = True,
+    runner_factory: Callable[[Poller], Runner] | None = None,
+) -> FastAPI:
     """Build the API app for ``config``.
 
     Args:
         config: A validated configuration.
         mode: The strategy to run the poller with; the config's default when None.
         poll: Run the schedule. False serves stored results and polls only on request.
+        runner_factory: Build the runner from the poller instead of looking
+            ``mode`` up; ``bgapi compare`` passes the peers it measures this way.
     """
-    chosen_mode = mode or config.poller.mode
+    # The store, the poller, its runner and the poller lock (one polling
+    # process per store) are the BackgroundPoller's; see bgapi.background.
+    background = BackgroundPoller(config, mode=mode, poll=poll, runner_factory=runner_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = Store(config.store.path, config.store.retention)
-        await asyncio.to_thread(store.open)
-        poller = Poller(config, store, chosen_mode if poll else None)
-        await asyncio.to_thread(poller.restore)
-        resources = LoopResources(config)
-        runner = create_runner(chosen_mode, poller) if poll else None
-        app.state.poller = poller
-        app.state.runner = runner
-        app.state.resources = resources
-        app.state.metrics = create_registry(poller)
-        for warning in config.startup_warnings():
-            logger.warning("%s", warning)
-        if runner is not None:
-            await runner.start()
-        try:
+        async with background.lifespan(app):
+            level, access = describe_write_access(
+                app.state.listen_host, config.server.token, config.server.token_env
+            )
+            logger.log(level, "%s", access)
+            # Move what lives as long as the server (config, targets, parsed
+            # conditions, routes) out of the cycle collector's view: its full
+            # collections then scan only what polls allocate, which shortens GC
+            # pauses while polling and the exit with thousands of targets.
+            gc.freeze()
             yield
-        finally:
-            if runner is not None:
-                await runner.stop()
-            await resources.aclose()
-            await asyncio.to_thread(store.close)
 
     app = FastAPI(
         title="bgapi",
         version=__version__,
         summary="Background HTTP poller: target states, results and poller statistics.",
         lifespan=lifespan,
+        # On the app, not per route, so that every write endpoint is covered.
+        dependencies=[Depends(WriteGuard(config.server.token, config.server.token_env).dependency())],
     )
+    # run_server() replaces this with the address it binds; the write rules depend on it.
+    app.state.listen_host = config.server.host
     _add_routes(app, config)
+    install_openapi_security(app)
     return app
 
 
-def _add_routes(app: FastAPI, config: Config) -> None:
+def add_api_routes(app: FastAPI | APIRouter, config: Config) -> None:
+    """Add bgapi's endpoints to ``app``.
+
+    They read ``poller``, ``runner``, ``resources`` and ``metrics`` from the
+    app's state, which :meth:`BackgroundPoller.lifespan` sets.
+    """
+    _add_routes(app, config)
+
+
+def _add_routes(app: FastAPI | APIRouter, config: Config) -> None:
     def poller_of(request: Request) -> Poller:
         return request.app.state.poller  # type: ignore[no-any-return]
 
     def runner_of(request: Request) -> Runner | None:
         return request.app.state.runner  # type: ignore[no-any-return]
+
+    def serves_from_store(request: Request) -> bool:
+        # A standby worker (or `bgapi serve`) shows what the polling process stored.
+        runner = runner_of(request)
+        return runner is None or not runner.polling
+
+    def fresh_poller(request: Request) -> Poller:
+        poller = poller_of(request)
+        if serves_from_store(request):
+            poller.restore()
+        return poller
 
     def status_or_404(request: Request, name: str) -> TargetStatus:
         status = poller_of(request).status(name)
@@ -180,19 +219,21 @@ def _add_routes(app: FastAPI, config: Config) -> None:
             return HealthModel(status="ok", poller="disabled")
         if runner.alive and poller.store_error is None:
             return HealthModel(status="ok", poller=str(runner.state))
-        reason = runner.error or poller.store_error or f"the poller is {runner.state}"
+        reason = config.redact(runner.error or poller.store_error or f"the poller is {runner.state}")
         body = HealthModel(status="unhealthy", poller=str(runner.state), reason=reason)
         return JSONResponse(body.model_dump(), status_code=503)
 
     @app.get("/api/targets", response_model=list[TargetModel])
     def list_targets(request: Request) -> list[dict[str, Any]]:
-        """List every configured target with its state and last result."""
-        return [_target_json(config, status) for status in poller_of(request).statuses()]
+        """List every configured target and job with its state and last result."""
+        poller = fresh_poller(request)
+        return [_target_json(poller, status) for status in poller.statuses()]
 
     @app.get("/api/targets/{name}", response_model=TargetModel, responses=_NOT_FOUND)
     def get_target(request: Request, name: TargetName) -> dict[str, Any]:
-        """Show one target: state, last result, counters and next run."""
-        return _target_json(config, status_or_404(request, name))
+        """Show one target or job: state, last result, counters and next run."""
+        poller = fresh_poller(request)
+        return _target_json(poller, status_or_404(request, name))
 
     @app.get("/api/targets/{name}/results", response_model=list[ResultModel], responses=_NOT_FOUND)
     def list_results(
@@ -208,11 +249,32 @@ def _add_routes(app: FastAPI, config: Config) -> None:
 
     @app.post("/api/targets/{name}/poll", response_model=ResultModel, responses=_NOT_FOUND)
     async def poll_target(request: Request, name: TargetName) -> dict[str, Any]:
-        """Poll the target now, store the result and return it."""
+        """Poll the target (or run the job) now, store the result and return it."""
         status_or_404(request, name)
-        target = config.target(name)
+        poller = poller_of(request)
+        target = poller.target(name)
         assert target is not None
-        result = await poller_of(request).check(target, request.app.state.resources)
+        if serves_from_store(request):
+            # Build on the latest stored state, which the polling process wrote.
+            # NOTE: the polling process keeps its own state in memory, so its
+            # next scheduled poll neither sees this result nor counts it
+            # towards the thresholds.
+            await asyncio.to_thread(poller.restore)
+        task = asyncio.ensure_future(poller.check(target, request.app.state.resources))
+        polls = manual_polls(request.app)
+        polls.add(task)
+        task.add_done_callback(polls.discard)
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # Server.shutdown cancelled the poll, not the client or uvicorn.
+                return JSONResponse(
+                    {"detail": "the server is shutting down; the poll was cancelled"},
+                    status_code=503,
+                )
+            raise
         return result.to_dict()
 
     @app.get("/", response_class=HTMLResponse)
@@ -221,15 +283,17 @@ def _add_routes(app: FastAPI, config: Config) -> None:
         from bgapi.page import render_status_page
 
         runner = runner_of(request)
-        stats = poller_of(request).stats.snapshot()
+        poller = fresh_poller(request)
+        stats = poller.stats.snapshot()
         summary = f"{stats['runs']} run(s), {stats['missed']} missed slot(s)."
-        return render_status_page(poller_of(request).statuses(), runner.mode if runner else None, summary)
+        return render_status_page(poller.statuses(), runner.mode if runner else None, summary)
 
     @app.get("/metrics", response_class=Response)
     def metrics(request: Request) -> Response:
         """Expose target states, response times and poller lateness to Prometheus."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        fresh_poller(request)  # the registry reads the poller's statuses
         registry = request.app.state.metrics
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -243,19 +307,29 @@ def _add_routes(app: FastAPI, config: Config) -> None:
             **stats,
             "mode": runner.mode if runner else None,
             "state": str(runner.state) if runner else "disabled",
-            "targets": len(config.enabled_targets),
+            "targets": len(poller.enabled_targets),
             "first_run_at": _iso(poller.stats.first_run_at),
-            "error": (runner.error if runner else None) or poller.store_error,
+            "error": _redact_optional(config, (runner.error if runner else None) or poller.store_error),
+            # Runs, missed slots and lateness count this process's polls only:
+            # on a standby worker they stay at zero.
+            "polling": runner.polling if runner else False,
+            "worker_pid": os.getpid(),
+            "poller_pid": runner.poller_pid if runner else None,
         }
 
 
-def _target_json(config: Config, status: TargetStatus) -> dict[str, Any]:
-    target = config.target(status.name)
+def _target_json(poller: Poller, status: TargetStatus) -> dict[str, Any]:
+    target = poller.target(status.name)
     assert target is not None
+    url: str | None = None
+    method: str | None = None
+    if not isinstance(target, Job):
+        url, method = poller.config.redact(target.url), target.method
     return {
         "name": status.name,
-        "url": config.redact(target.url),
-        "method": target.method,
+        "kind": "job" if isinstance(target, Job) else "http",
+        "url": url,
+        "method": method,
         "enabled": target.enabled,
         "interval_s": target.interval_s,
         "timeout_s": target.timeout_s,
@@ -275,8 +349,33 @@ def _iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else format_timestamp(timestamp)
 
 
+def _redact_optional(config: Config, text: str | None) -> str | None:
+    return None if text is None else config.redact(text)
+
+
+def manual_polls(app: Any) -> set[asyncio.Task[Any]]:
+    """Return the set of polls on request now running in ``app``, creating it if needed."""
+    polls: set[asyncio.Task[Any]] | None = getattr(app.state, "manual_polls", None)
+    if polls is None:
+        polls = app.state.manual_polls = set()
+    return polls
+
+
 class Server(uvicorn.Server):
     """A uvicorn server that ends with exit code 0 on SIGINT and SIGTERM."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Cancel polls on request first, then shut down as uvicorn does.
+
+        A poll on request may wait for its target's whole timeout; without this,
+        uvicorn would wait for it up to its graceful timeout and then cancel the
+        request with a traceback.
+        """
+        app = self.config.app
+        if isinstance(app, FastAPI):
+            for task in list(manual_polls(app)):
+                task.cancel()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -300,6 +399,7 @@ def run_server(
     app: FastAPI, *, host: str, port: int, log_level: str = "info", access_log: bool = False
 ) -> bool:
     """Serve ``app`` until SIGINT or SIGTERM; return False if it never started."""
+    app.state.listen_host = host
     config = uvicorn.Config(
         app,
         host=host,
@@ -312,5 +412,10 @@ def run_server(
         timeout_graceful_shutdown=1,
     )
     server = Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn calls sys.exit(3) when it cannot bind or the lifespan startup
+        # fails, after logging why; the CLI turns a failed start into exit code 1.
+        return False
     return server.started

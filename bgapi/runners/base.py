@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import os
 from typing import ClassVar
 
 from bgapi.errors import RunnerError
@@ -32,6 +33,8 @@ class RunState(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     CRASHED = "crashed"
+    # Another process holds the deployment's poller lock; this one serves the API.
+    STANDBY = "standby"
 
 
 class Runner(abc.ABC):
@@ -49,6 +52,16 @@ class Runner(abc.ABC):
         """True while the runner is starting or running."""
         return self.state in (RunState.STARTING, RunState.RUNNING)
 
+    @property
+    def polling(self) -> bool:
+        """True while this process runs the schedule (False for a standby)."""
+        return self.alive
+
+    @property
+    def poller_pid(self) -> int | None:
+        """The id of the process that runs the deployment's schedule, None if unknown."""
+        return os.getpid() if self.polling else None
+
     async def start(self) -> None:
         """Start polling. Call once, from the server's event loop.
 
@@ -59,7 +72,7 @@ class Runner(abc.ABC):
             raise RunnerError(f"cannot start the {self.mode} runner: it is {self.state}")
         self.state = RunState.STARTING
         await self._start()
-        logger.info("poller started in %s mode with %d target(s)", self.mode, len(self.poller.config.enabled_targets))
+        logger.info("poller started in %s mode with %d target(s)", self.mode, len(self.poller.enabled_targets))
 
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop polling and wait at most ``timeout`` seconds for the poll in flight.
