@@ -167,14 +167,40 @@ def create_app(
         version=__version__,
         summary="Background HTTP poller: target states, results and poller statistics.",
         lifespan=lifespan,
+        # /docs is served by _add_offline_docs, from files installed with bgapi.
+        docs_url=None,
         # On the app, not per route, so that every write endpoint is covered.
         dependencies=[Depends(WriteGuard(config.server.token, config.server.token_env).dependency())],
     )
     # run_server() replaces this with the address it binds; the write rules depend on it.
     app.state.listen_host = config.server.host
     _add_routes(app, config)
+    _add_offline_docs(app)
     install_openapi_security(app)
     return app
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """Serve Swagger UI at /docs from the swagger-ui-bundle package, not a CDN.
+
+    FastAPI's default page loads its scripts from a CDN, so it stays blank on a
+    machine without internet access, where bgapi is often run.
+    """
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="bgapi API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
 
 
 def add_api_routes(app: FastAPI | APIRouter, config: Config) -> None:
