@@ -138,9 +138,13 @@ async def _try_post(
         headers.update(signature_headers(action.secret, body))
     try:
         async with asyncio.timeout(action.timeout):
-            response = await client.post(
-                action.url, content=body, headers=headers, timeout=action.timeout
+            # Streamed and never read: only the status matters, and a receiver's
+            # body (maybe a compression bomb) must cost nothing.
+            request = client.build_request(
+                "POST", action.url, content=body, headers=headers, timeout=action.timeout
             )
+            response = await client.send(request, stream=True, follow_redirects=False)
+            await response.aclose()
     except TimeoutError:
         return f"no answer within {action.timeout:g} s"
     except httpx.HTTPError as exc:

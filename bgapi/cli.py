@@ -242,6 +242,9 @@ def compare(
     http_client: Annotated[
         HttpClient, typer.Option(help="Transport under httpx in the measured server (poller.http_client).")
     ] = HttpClient.auto,
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also run the server without a poller, for the ratios.")
+    ] = True,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw figure to this JSON file.")] = None,  # noqa: UP007
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the distributions (needs bgapi\\[plot]).")] = None,  # noqa: UP007
 ) -> None:
@@ -261,6 +264,7 @@ def compare(
         rate=rate,
         warmup=warmup,
         http_client=http_client.value,
+        baseline=baseline,
     )
     raise typer.Exit(code)
 

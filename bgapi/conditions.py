@@ -276,7 +276,8 @@ def _check_functions(path: str, expression: ParsedResult) -> None:
     nodes = [expression.parsed]
     while nodes:
         node = nodes.pop()
-        nodes.extend(node.get("children", []))
+        # Slices have None among their children (an omitted start, stop or step).
+        nodes.extend(child for child in node.get("children", []) if isinstance(child, dict))
         if node.get("type") != "function_expression":
             continue
         name, count = node["value"], len(node["children"])

@@ -9,16 +9,19 @@ whose lines name the file, the key path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import ipaddress
 import os
+import json
 import re
+import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -59,6 +62,10 @@ DEFAULT_STORE_PATH = "bgapi.db"
 DEFAULT_RETENTION = 1000
 DEFAULT_WEBHOOK_TIMEOUT_S = 5.0
 DEFAULT_WEBHOOK_RETRIES = 3
+# Sub-millisecond intervals only busy-loop; 30 days is longer than anyone polls.
+MIN_INTERVAL_S = 0.001
+MAX_INTERVAL_S = 30 * 24 * 3600.0
+MAX_TIMEOUT_S = 24 * 3600.0
 # Below this interval, polling a host other than this machine gets a warning.
 MIN_REMOTE_INTERVAL_S = 1.0
 
@@ -71,6 +78,8 @@ SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
 )
 MASK = "***"
+# Shorter substituted values are not masked; see _expand_secrets.
+MIN_SECRET_LENGTH = 4
 
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -115,6 +124,9 @@ class ServerConfig(_Section):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     # The name of the variable, not the token: the token never sits in the file.
     token_env: str = DEFAULT_TOKEN_ENV
+    # Host names, besides loopback ones, that a loopback API answers to (a
+    # reverse proxy that passes its own Host header, for example).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     _token: str | None = PrivateAttr(default=None)
 
@@ -139,8 +151,10 @@ class PollerConfig(_Section):
 
     mode: Mode = DEFAULT_MODE
     # TOML allows inf and nan; an infinite interval breaks the slot arithmetic.
-    interval: float = Field(DEFAULT_INTERVAL_S, gt=0, allow_inf_nan=False)
-    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0, allow_inf_nan=False)
+    interval: float = Field(
+        DEFAULT_INTERVAL_S, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S, allow_inf_nan=False
+    )
+    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_redirects: int = Field(DEFAULT_MAX_REDIRECTS, ge=0)
@@ -149,7 +163,7 @@ class PollerConfig(_Section):
     http_client: Literal["auto", "httpx", "aiohttp"] = "auto"
     # Benchmark aid: hold the poller's thread this long after each poll, the way a
     # blocking call inside an `async def` does. Zero in any real configuration.
-    blocking_ms: float = Field(0.0, ge=0)
+    blocking_ms: float = Field(0.0, ge=0, le=10_000, allow_inf_nan=False)
 
 
     @field_validator("http_client")
@@ -175,9 +189,14 @@ class ActionConfig(_Section):
     type: Literal["log", "webhook"]
     on: Literal["change", "down", "up", "always"] = "change"
     url: str | None = None
-    timeout: float = Field(DEFAULT_WEBHOOK_TIMEOUT_S, gt=0, allow_inf_nan=False)
+    timeout: float = Field(DEFAULT_WEBHOOK_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     retries: int = Field(DEFAULT_WEBHOOK_RETRIES, ge=0, le=10)
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        return _check_header_table(headers)
     # Key of the HMAC-SHA256 signature that webhooks carry; masked like a credential.
     secret: str | None = Field(None, min_length=1)
 
@@ -205,8 +224,10 @@ class TargetConfig(_Section):
     body: str | None = None
     json_body: Any = Field(None, alias="json")
     # None means "take the [poller] default"; Config fills both in after validation.
-    interval: float | None = Field(None, gt=0, allow_inf_nan=False)
-    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    interval: float | None = Field(
+        None, ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S, allow_inf_nan=False
+    )
+    timeout: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     conditions: list[ConditionText] = Field(default_factory=list)
     failure_threshold: int = Field(1, ge=1)
     success_threshold: int = Field(1, ge=1)
@@ -238,7 +259,28 @@ class TargetConfig(_Section):
                 "file not found; give the path of a PEM file of CA certificates, "
                 "or remove ca_bundle to use the system's CA store"
             )
+        if path is not None:
+            try:
+                ssl.create_default_context(cafile=str(path))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"is not a PEM file of CA certificates ({exc})") from None
         return path
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        return _check_header_table(headers)
+
+    @field_validator("json_body")
+    @classmethod
+    def _check_json_body(cls, body: Any) -> Any:
+        try:
+            json.dumps(body)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "must be JSON: TOML dates and times have no JSON form, write them as strings"
+            ) from None
+        return body
 
     @field_validator("method")
     @classmethod
@@ -383,7 +425,7 @@ def config_from_dict(
     try:
         config = Config.model_validate(substituted)
     except ValidationError as exc:
-        redactor = _Redactor(secrets)
+        redactor = _Redactor(set(_expand_secrets(secrets)))
         raise ConfigError(
             [_describe_validation_error(error, substituted, source, redactor) for error in exc.errors()]
         ) from None
@@ -392,7 +434,7 @@ def config_from_dict(
     config.server._token = token
     if token is not None:
         secrets.add(token)
-    config._secrets = frozenset(secret for secret in secrets if secret)
+    config._secrets = _expand_secrets(secrets)
     for target in config.targets:
         target._secrets = config._secrets
         for action in target.actions:
@@ -467,6 +509,20 @@ def _substitute(
     return value
 
 
+def _expand_secrets(secrets: set[str]) -> frozenset[str]:
+    """Return the secrets worth masking, with the encoded forms they take in URLs.
+
+    Values shorter than :data:`MIN_SECRET_LENGTH` are left out: masking a
+    ``${REGION}`` of ``0`` would garble every number in the output.
+    """
+    expanded: set[str] = set()
+    for secret in secrets:
+        if len(secret) < MIN_SECRET_LENGTH:
+            continue
+        expanded.update({secret, quote(secret, safe=""), quote_plus(secret, safe="")})
+    return frozenset(expanded)
+
+
 def _collect_header_secrets(data: Any, secrets: set[str]) -> None:
     """Add the values of credential headers (Authorization, ...) and webhook secrets to ``secrets``."""
     if not isinstance(data, Mapping):
@@ -475,6 +531,12 @@ def _collect_header_secrets(data: Any, secrets: set[str]) -> None:
         if not isinstance(target, Mapping):
             continue
         tables = [target, *[a for a in target.get("actions") or [] if isinstance(a, Mapping)]]
+        url = target.get("url")
+        if isinstance(url, str):
+            with contextlib.suppress(ValueError):
+                password = urlsplit(url).password
+                if password:
+                    secrets.add(password)
         for table in tables:
             if isinstance(table.get("secret"), str):
                 secrets.add(table["secret"])
@@ -606,10 +668,28 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _check_header_table(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f"header name {name!r} is invalid; use letters, digits and '-'")
+        if not value.isascii() or "\n" in value or "\r" in value:
+            raise ValueError(
+                f"header {name!r} must be ASCII on one line; percent-encode or "
+                "base64-encode other characters"
+            )
+    return headers
+
+
 def _check_http_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"}:
         raise ValueError("must be an http:// or https:// URL")
     if not parts.hostname:
         raise ValueError("must include a host, e.g. https://api.example.com/health")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError("has an invalid port; use a number from 1 to 65535") from None
+    if not url.isascii() or any(char.isspace() for char in url):
+        raise ValueError("must be ASCII without spaces; percent-encode other characters")
     return url

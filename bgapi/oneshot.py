@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 from rich.progress import Progress
+from rich.markup import escape
 from rich.table import Table
 
 from bgapi.config import Config
@@ -80,7 +81,8 @@ def print_table(statuses: list[TargetStatus]) -> None:
         detail = ""
         if result is not None and not result.ok:
             reasons = result.failed_conditions or [f"{result.error_kind}: {result.error}"]
-            detail = "; ".join(reasons)
+            # Upstream text may contain brackets that rich would read as markup.
+            detail = escape("; ".join(reasons))
         table.add_row(
             status.name,
             f"[{_STATE_STYLES[state]}]{state}[/]",

@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ import httpx
 
 from bgapi import __version__
 from bgapi.conditions import Condition, ResponseView, evaluate
-from bgapi.config import PollerConfig, TargetConfig
+from bgapi.config import SENSITIVE_HEADERS, PollerConfig, TargetConfig
 
 __all__ = ["ErrorKind", "HttpClients", "PollResult", "format_timestamp", "poll_http"]
 
@@ -33,6 +34,8 @@ USER_AGENT = f"bgapi/{__version__}"
 # total deadline, because the rest of the deadline is meant for the response.
 MAX_CONNECT_TIMEOUT_S = 10.0
 READ_CHUNK_BYTES = 64 * 1024
+# Only codings that _BoundedDecoder can undo within max_body_bytes.
+ACCEPT_ENCODING = "gzip, deflate"
 
 
 class ErrorKind(enum.StrEnum):
@@ -182,19 +185,22 @@ async def poll_http(
     request_timeout = httpx.Timeout(
         deadline_s, connect=min(deadline_s, MAX_CONNECT_TIMEOUT_S), pool=deadline_s
     )
+    request = client.build_request(
+        target.method,
+        target.url,
+        headers={**target.headers, "accept-encoding": ACCEPT_ENCODING},
+        content=target.body,
+        json=target.json_body,
+        timeout=request_timeout,
+    )
     try:
         async with asyncio.timeout(deadline_s):
-            async with client.stream(
-                target.method,
-                target.url,
-                headers=target.headers,
-                content=target.body,
-                json=target.json_body,
-                follow_redirects=target.follow_redirects,
-                timeout=request_timeout,
-            ) as response:
+            response = await _send(client, request, target, max_redirects=client.max_redirects)
+            try:
                 result.status_code = response.status_code
                 body = await _read_capped(response, max_body_bytes)
+            finally:
+                await response.aclose()
     except TimeoutError:
         return _fail(result, start, ErrorKind.TIMEOUT, f"no complete response within {deadline_s:g} s")
     except _BodyTooLarge:
@@ -205,6 +211,16 @@ async def poll_http(
             f"body exceeds the limit of {max_body_bytes} bytes; reading stopped there "
             "(raise [poller] max_body_bytes if the body is expected)",
         )
+    except _TooManyRedirects as exc:
+        return _fail(
+            result,
+            start,
+            ErrorKind.TOO_MANY_REDIRECTS,
+            f"too many redirects: more than {exc.limit}, the last to {exc.url}; raise [poller] "
+            "max_redirects or set follow_redirects = false for this target",
+        )
+    except _UnsupportedEncoding as exc:
+        return _fail(result, start, ErrorKind.PROTOCOL, f"unsupported Content-Encoding {exc}")
     except httpx.HTTPError as exc:
         kind, message = classify_http_error(exc)
         return _fail(result, start, kind, message)
@@ -229,13 +245,137 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _TooManyRedirects(Exception):
+    def __init__(self, limit: int, url: httpx.URL) -> None:
+        self.limit = limit
+        self.url = url
+
+
+class _UnsupportedEncoding(Exception):
+    pass
+
+
+async def _send(
+    client: httpx.AsyncClient, request: httpx.Request, target: TargetConfig, *, max_redirects: int
+) -> httpx.Response:
+    """Send ``request`` and follow redirects by hand; return the final response, unread.
+
+    httpx's own redirect handling reads each redirect's whole body and keeps
+    every request header across origins but Authorization. Here redirect
+    bodies are never read, and the target's configured headers (API keys,
+    tokens) and credential headers are sent to the target's origin only.
+    """
+    private = {name.lower() for name in target.headers} | SENSITIVE_HEADERS
+    redirects = 0
+    while True:
+        response = await client.send(request, stream=True, follow_redirects=False)
+        next_request = response.next_request
+        if not target.follow_redirects or next_request is None:
+            return response
+        await response.aclose()
+        redirects += 1
+        if redirects > max_redirects:
+            raise _TooManyRedirects(max_redirects, next_request.url)
+        if not _keeps_credentials(request.url, next_request.url):
+            for name in private:
+                next_request.headers.pop(name, None)
+        request = next_request
+
+
+def _keeps_credentials(source: httpx.URL, destination: httpx.URL) -> bool:
+    """Tell whether a redirect stays on the origin, or only upgrades it to HTTPS."""
+    if (source.scheme, source.host, source.port) == (destination.scheme, destination.host, destination.port):
+        return True
+    return (
+        source.scheme == "http"
+        and destination.scheme == "https"
+        and source.host == destination.host
+        and source.port in (None, 80)
+        and destination.port in (None, 443)
+    )
+
+
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytearray:
+    """Read and decode the body, stopping as soon as it exceeds ``max_bytes``.
+
+    Decoding is done here rather than by httpx, whose decoders inflate a whole
+    network chunk at once: a few hundred bytes of nested gzip become gigabytes.
+    """
+    decoder = _BoundedDecoder(response.headers.get("content-encoding", ""), max_bytes)
     body = bytearray()
-    async for chunk in response.aiter_bytes(READ_CHUNK_BYTES):
-        body += chunk
+    async for chunk in response.aiter_raw(READ_CHUNK_BYTES):
+        body += decoder.decode(chunk)
         if len(body) > max_bytes:
             raise _BodyTooLarge
+    body += decoder.flush()
+    if len(body) > max_bytes:
+        raise _BodyTooLarge
     return body
+
+
+class _BoundedDecoder:
+    """Undo gzip and deflate content codings without ever inflating past a limit."""
+
+    def __init__(self, content_encoding: str, limit: int) -> None:
+        self._limit = limit
+        codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+        # Codings are listed in the order they were applied, so undo them backwards.
+        self._stages: list[Any] = []
+        for coding in reversed(codings):
+            if coding == "identity":
+                continue
+            if coding in ("gzip", "x-gzip"):
+                self._stages.append(zlib.decompressobj(16 + zlib.MAX_WBITS))
+            elif coding == "deflate":
+                self._stages.append(_Deflate())
+            else:
+                raise _UnsupportedEncoding(repr(coding))
+
+    def decode(self, data: bytes) -> bytes:
+        for stage in self._stages:
+            data = self._inflate(stage, data)
+        return data
+
+    def flush(self) -> bytes:
+        data = b""
+        for stage in self._stages:
+            data = self._inflate(stage, data) + stage.flush()
+        return data
+
+    def _inflate(self, stage: Any, data: bytes) -> bytes:
+        # Ask for one byte more than the limit: getting it proves the body too large.
+        try:
+            output = stage.decompress(data, self._limit + 1)
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"invalid compressed body: {exc}") from None
+        if stage.unconsumed_tail:
+            raise _BodyTooLarge
+        return output
+
+
+class _Deflate:
+    """A deflate decoder that accepts the zlib wrapper (RFC 9110) or a raw stream."""
+
+    def __init__(self) -> None:
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
+        self._started = False
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return self._decoder.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if not self._started and data:
+            self._started = True
+            try:
+                return self._decoder.decompress(data, max_length)
+            except zlib.error:
+                # Some servers send raw deflate without the zlib header.
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._decoder.decompress(data, max_length)
+
+    def flush(self) -> bytes:
+        return self._decoder.flush()
 
 
 def _fail(result: PollResult, start: float, kind: ErrorKind, message: str) -> PollResult:

@@ -106,9 +106,12 @@ class WriteGuard:
         token_env: The environment variable that contains the token, for messages.
     """
 
-    def __init__(self, token: str | None, token_env: str) -> None:
+    def __init__(
+        self, token: str | None, token_env: str, allowed_hosts: list[str] | None = None
+    ) -> None:
         self._token = token or None
         self._token_env = token_env
+        self._allowed_hosts = frozenset(host.lower() for host in allowed_hosts or [])
 
     def __repr__(self) -> str:
         configured = "configured" if self._token else "not configured"
@@ -175,11 +178,18 @@ class WriteGuard:
 
         async def require_write_access(request: Request) -> None:
             server = request.scope.get("server")
-            denial = self.check(
+            listen_host = getattr(request.app.state, "listen_host", None)
+            local_host = str(server[0]) if server and server[0] else None
+            denial = check_browser_headers(
                 request.method,
-                request.headers.get("authorization"),
-                getattr(request.app.state, "listen_host", None),
-                str(server[0]) if server and server[0] else None,
+                request.headers.get("host"),
+                request.headers.get("origin"),
+                listen_host,
+                local_host,
+                token_configured=self._token is not None,
+                allowed_hosts=self._allowed_hosts,
+            ) or self.check(
+                request.method, request.headers.get("authorization"), listen_host, local_host
             )
             if denial is not None:
                 raise HTTPException(
@@ -187,6 +197,55 @@ class WriteGuard:
                 )
 
         return require_write_access
+
+
+def check_browser_headers(
+    method: str,
+    host_header: str | None,
+    origin: str | None,
+    listen_host: str | None,
+    local_host: str | None,
+    *,
+    token_configured: bool,
+    allowed_hosts: frozenset[str] = frozenset(),
+) -> Denial | None:
+    """Reject what a web page in the user's browser could send to a loopback API.
+
+    A page on another site can make the browser POST to 127.0.0.1 (a
+    cross-site request, which carries an ``Origin`` header), and through DNS
+    rebinding it can even read the answers (the ``Host`` header then names
+    the attacker's domain). Neither matters once a token is required, or when
+    the API does not listen on loopback.
+    """
+    on_loopback = all(is_loopback(host) for host in (listen_host, local_host) if host)
+    if token_configured or not on_loopback:
+        return None
+    host_name = _host_name(host_header or "")
+    if host_name and not is_loopback(host_name) and host_name.lower() not in allowed_hosts:
+        return Denial(
+            421,
+            f"this API listens on a loopback address and answers only to loopback host "
+            f"names, not {host_name!r}; use http://127.0.0.1 or http://localhost, or add "
+            "the name to [server] allowed_hosts (other names are rejected to block DNS "
+            "rebinding)",
+        )
+    if method.upper() not in SAFE_METHODS and origin and origin != "null":
+        origin_host = _host_name(origin.split("://", 1)[-1])
+        if not is_loopback(origin_host) and origin_host.lower() not in allowed_hosts:
+            return Denial(
+                403,
+                f"cross-site write request from {origin!r} rejected; without a token, write "
+                "endpoints accept requests from this machine only",
+            )
+    return None
+
+
+def _host_name(authority: str) -> str:
+    """Return the host of ``host[:port]`` or ``[v6]:port``, without the port."""
+    authority = authority.split("/", 1)[0]
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 def describe_write_access(host: str, token: str | None, token_env: str) -> tuple[int, str]:

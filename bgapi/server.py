@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -170,7 +171,13 @@ def create_app(
         # /docs is served by _add_offline_docs, from files installed with bgapi.
         docs_url=None,
         # On the app, not per route, so that every write endpoint is covered.
-        dependencies=[Depends(WriteGuard(config.server.token, config.server.token_env).dependency())],
+        dependencies=[
+            Depends(
+                WriteGuard(
+                    config.server.token, config.server.token_env, config.server.allowed_hosts
+                ).dependency()
+            )
+        ],
     )
     # run_server() replaces this with the address it binds; the write rules depend on it.
     app.state.listen_host = config.server.host
@@ -403,22 +410,31 @@ class Server(uvicorn.Server):
                 task.cancel()
         await super().shutdown(sockets)
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Start the shutdown on the first signal and log further ones.
+
+        uvicorn takes a second Ctrl-C as "force quit", which skips the
+        lifespan shutdown and leaves the poller thread running. bgapi's
+        shutdown is bounded (about a second), so it always runs to the end.
+        """
+        if self.should_exit:
+            logger.info("already shutting down (signal %d); this takes about a second", sig)
+            return
+        self.should_exit = True
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises the signal once it has shut down, which ends the
         # process with -15 (SIGTERM) or a KeyboardInterrupt traceback (SIGINT).
         # bgapi's own shutdown is complete by then, so a signal is a normal
-        # stop: restore the previous handlers and return instead.
+        # stop. The handlers stay installed until the process exits, so that
+        # another Ctrl-C during the last steps cannot raise KeyboardInterrupt.
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+        yield
 
 
 def run_server(

@@ -121,6 +121,7 @@ class Store:
         connection: sqlite3.Connection | None = None
         try:
             connection = self._connect()
+            self._check_foreign(connection)
             connection.executescript(_SCHEMA)
             # Also a write probe: a read-only file or directory fails here, at
             # startup, instead of at the first result.
@@ -137,6 +138,22 @@ class Store:
             target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
         )
         self._writer.start()
+
+    def _check_foreign(self, connection: sqlite3.Connection) -> None:
+        """Raise StoreError if the file is another program's SQLite database."""
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            row[0]
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        ours = {"results", "target_state"}
+        if version not in (0, SCHEMA_VERSION) or (tables and not tables & ours):
+            connection.close()
+            raise StoreError(
+                f"the store {str(self.path)!r} is another program's SQLite database "
+                f"(user_version {version}, tables: {', '.join(sorted(tables)) or 'none'}); "
+                "set [store] path to a new file"
+            )
 
     def close(self) -> None:
         """Commit what is queued, stop the writer thread and close connections."""

@@ -257,6 +257,10 @@ PASSING = [
     ("elapsed_ms >= 120.0", {}),
     ("elapsed_ms == 120", {}),
     ("elapsed_ms != 121", {}),
+    # json slices: omitted bounds are None in the syntax tree
+    ("json.items[:2] == [1, 2]", {"body": b'{"items": [1, 2, 3]}'}),
+    ("json.items[::-1] == [3, 2, 1]", {"body": b'{"items": [1, 2, 3]}'}),
+    ("json.length(items[1:]) == 2", {"body": b'{"items": [1, 2, 3]}'}),
     # body
     ('body contains "ok"', {"body": b"all ok"}),
     ('body contains "a == b"', {"body": b"if a == b:"}),

@@ -42,12 +42,12 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "interval-zero",
         _target("interval = 0\n"),
-        ["targets[0] ('api').interval", "must be greater than 0", "got 0"],
+        ["targets[0] ('api').interval", "must be at least 0.001", "got 0"],
     ),
     (
         "interval-negative",
         _target("interval = -5\n"),
-        ["targets[0] ('api').interval", "must be greater than 0", "got -5"],
+        ["targets[0] ('api').interval", "must be at least 0.001", "got -5"],
     ),
     (
         "interval-infinite",
@@ -67,7 +67,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "poller-interval-zero",
         "[poller]\ninterval = 0\n",
-        ["poller.interval", "must be greater than 0", "got 0"],
+        ["poller.interval", "must be at least 0.001", "got 0"],
     ),
     (
         "failure-threshold-zero",
@@ -468,3 +468,28 @@ def test_validated_config_type() -> None:
     assert config.targets == []
     assert config.poller.mode == "thread"
     assert config.server.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragments"),
+    [
+        ('url = "http://127.0.0.1:99999/x"\n', ["url", "invalid port"]),
+        ('url = "http://127.0.0.1/x"\nheaders = { X-Name = "café" }\n', ["headers", "must be ASCII"]),
+        ('url = "http://127.0.0.1/x"\njson = { when = 1979-05-27 }\n', ["json", "no JSON form"]),
+        ('url = "http://127.0.0.1/x"\ninterval = 1e12\n', ["interval", "must be at most"]),
+        ('url = "http://127.0.0.1/x"\nca_bundle = "/etc/hostname"\n', ["ca_bundle", "not a PEM file"]),
+    ],
+)
+def test_values_that_fail_only_at_poll_time(
+    tmp_path: Path, fields: str, fragments: list[str]
+) -> None:
+    # Each of these used to pass check-config and then fail every poll as "internal".
+    path = tmp_path / "bgapi.toml"
+    path.write_text(f'[[targets]]\nname = "api"\n{fields}', encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -266,3 +267,41 @@ def test_clients_reused_per_tls_setting(upstream: Upstream) -> None:
     assert clients.for_target(a) is not clients.for_target(c)
     assert clients.default() is clients.for_target(a)
     asyncio.run(clients.aclose())
+
+
+def test_gzip_bomb_stops_at_cap(upstream: Upstream) -> None:
+    tracemalloc.start()
+    try:
+        result = poll(upstream.url("/gzip-bomb?mb=300"), max_body_bytes=1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.error_kind is ErrorKind.TOO_LARGE
+    # The body inflates to 300 MiB; decoding must stop near the 1 MiB cap.
+    assert peak < 32 * 1024 * 1024
+
+
+def test_deflate_body_decoded(upstream: Upstream) -> None:
+    result = poll(upstream.url("/deflate"), conditions=["json.ok == true"])
+
+    assert result.ok, result
+
+
+def test_redirect_keeps_headers_on_origin(upstream: Upstream) -> None:
+    result = poll(upstream.url("/redirect/1"), headers={"X-Api-Key": "k-123456789"})
+
+    assert result.ok, result
+    assert upstream.requests_for("/ok")[0].headers["x-api-key"] == "k-123456789"
+
+
+def test_redirect_drops_headers_across_origins(upstream: Upstream) -> None:
+    with Upstream() as other:
+        headers = {"X-Api-Key": "k-123456789", "X-Tenant": "acme", "Authorization": "Bearer t"}
+        result = poll(upstream.url(f"/redirect-to?url={other.url('/ok')}"), headers=headers)
+        received = other.requests_for("/ok")[0].headers
+
+    assert result.ok, result
+    assert "x-api-key" not in received
+    assert "x-tenant" not in received
+    assert "authorization" not in received

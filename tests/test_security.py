@@ -29,7 +29,14 @@ from bgapi.config import Config, config_from_dict
 from bgapi.errors import ConfigError
 from bgapi.logs import RedactingFilter
 from bgapi.poller import LoopResources, Poller
-from bgapi.security import WriteGuard, is_loopback, sign_body, token_matches, verify_signature
+from bgapi.security import (
+    WriteGuard,
+    check_browser_headers,
+    is_loopback,
+    sign_body,
+    token_matches,
+    verify_signature,
+)
 from bgapi.server import create_app
 
 TOKEN = "test-token-" + "7" * 24
@@ -634,3 +641,39 @@ def test_unknown_target_is_404(
 
     assert response.status_code == 404
     assert response.json() == {"detail": "target 'no-such-target' not found"}
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "status"),
+    [
+        ("GET", {"host": "evil.example"}, 421),
+        ("GET", {"host": "proxy.example:443"}, None),
+        ("GET", {"host": "localhost:8000"}, None),
+        ("POST", {"host": "127.0.0.1", "origin": "https://evil.example"}, 403),
+        ("POST", {"host": "127.0.0.1", "origin": "http://127.0.0.1:8000"}, None),
+        ("POST", {"host": "127.0.0.1"}, None),
+    ],
+)
+def test_browser_headers_on_loopback(
+    method: str, headers: dict[str, str], status: int | None
+) -> None:
+    denial = check_browser_headers(
+        method,
+        headers.get("host"),
+        headers.get("origin"),
+        "127.0.0.1",
+        "127.0.0.1",
+        token_configured=False,
+        allowed_hosts=frozenset({"proxy.example"}),
+    )
+
+    assert (denial.status_code if denial else None) == status
+
+
+def test_browser_headers_ignored_with_token() -> None:
+    denial = check_browser_headers(
+        "POST", "evil.example", "https://evil.example", "127.0.0.1", "127.0.0.1",
+        token_configured=True,
+    )
+
+    assert denial is None

@@ -277,3 +277,20 @@ def test_writer_survives_closed_caller_loop(store: Store) -> None:
     asyncio.run(save_again())
 
     assert store.count("a") == 2
+
+
+def test_open_rejects_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE users (id INTEGER)")
+    connection.execute("PRAGMA user_version = 99")
+    connection.commit()
+    connection.close()
+
+    with pytest.raises(StoreError, match="another program's SQLite database"):
+        Store(path).open()
+
+    # The other program's file is left as it was.
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 99
+    connection.close()

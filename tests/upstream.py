@@ -21,6 +21,9 @@ Routes are chosen by path. The query string only carries parameters, and
   byte every S seconds (default 0.5), so only a total deadline catches it.
 - ``/huge?mb=N``: 200 with an N MiB body (default 300), streamed in 64 KiB chunks.
 - ``/redirect-loop``: 302 to itself. ``/redirect/{n}``: n redirects that end at ``/ok``.
+- ``/gzip-bomb?mb=N``: 200 with ``Content-Encoding: gzip, gzip``, N MiB of zeros inflated.
+- ``/deflate``: 200 JSON ``{"ok": true}`` with ``Content-Encoding: deflate``.
+- ``/redirect-to?url=U``: 302 to U, which must be on ``http://127.0.0.1:``.
 - ``/not-utf8``: 200 ``text/plain; charset=utf-8`` with the bytes ``b"\\xff\\xfe ok \\xc3\\x28"``.
 - ``/lying-length``: 200 with ``Content-Length: 100`` but 10 body bytes, then close.
 - ``/no-length``: 200 without ``Content-Length``, the body, then close.
@@ -43,6 +46,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import gzip
 import http
 import json
 import logging
@@ -50,6 +54,7 @@ import math
 import re
 import socket
 import ssl
+import zlib
 import struct
 import tempfile
 import threading
@@ -936,6 +941,30 @@ async def _redirect_chain(exchange: _Exchange) -> bool:
     return await exchange.respond(302, b"", headers=[("Location", location)])
 
 
+async def _gzip_bomb(exchange: _Exchange) -> bool:
+    # gzip of gzip of N MiB of zeros: a few hundred bytes on the wire.
+    megabytes = int(_float_param(exchange, "mb", 200.0))
+    # Compressed a mebibyte at a time, so the server never holds the inflated body.
+    inner = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    compressed = b"".join(inner.compress(zeros) for _ in range(megabytes)) + inner.flush()
+    body = gzip.compress(compressed, compresslevel=9)
+    return await exchange.respond(200, body, TEXT, headers=[("Content-Encoding", "gzip, gzip")])
+
+
+async def _gzip_ok(exchange: _Exchange) -> bool:
+    body = zlib.compress(json.dumps({"ok": True}).encode())
+    return await exchange.respond(200, body, JSON, headers=[("Content-Encoding", "deflate")])
+
+
+async def _redirect_to(exchange: _Exchange) -> bool:
+    # Test-only: the target comes from the query and must be on 127.0.0.1.
+    location = exchange.query.get("url", "")
+    if not location.startswith("http://127.0.0.1:"):
+        raise _BadRequest(400, f"url must start with http://127.0.0.1:, got: {location!r}")
+    return await exchange.respond(302, b"", headers=[("Location", location)])
+
+
 async def _not_utf8(exchange: _Exchange) -> bool:
     return await exchange.respond(200, b"\xff\xfe ok \xc3\x28", TEXT)
 
@@ -1002,6 +1031,9 @@ _FIXED_ROUTES: dict[str, Handler] = {
     "/huge": _huge,
     "/redirect-loop": _redirect_loop,
     "/not-utf8": _not_utf8,
+    "/gzip-bomb": _gzip_bomb,
+    "/deflate": _gzip_ok,
+    "/redirect-to": _redirect_to,
     "/lying-length": _lying_length,
     "/no-length": _no_length,
     "/echo": _echo,
