@@ -52,6 +52,10 @@ class LoopResources:
         self.clients = HttpClients(config.poller)
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped_actions = 0
+        # Scheduled polls running at once. Without a bound, thousands of polls
+        # queue inside httpx's connection pool, whose cost per waiting request
+        # grows with the queue and can stall the loop, shutdown included.
+        self.poll_slots = asyncio.Semaphore(config.poller.max_concurrency)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coroutine`` as a task that :meth:`aclose` waits for or cancels.

@@ -101,22 +101,24 @@ async def _run_target(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        now = time.monotonic()
-        # A stalled loop may wake up several slots late: run the latest one.
-        caught_up = max(slot, latest_slot(t0, interval, now))
-        missed = caught_up - slot
-        slot = caught_up
-        due = t0 + slot * interval
-        lateness_ms = (now - due) * 1000
-        poller.record_run(target.name, lateness_ms, missed)
-        try:
-            await poller.check(
-                target, resources, scheduled_at=due + wall_offset, lateness_ms=lateness_ms
-            )
-        except Exception:
-            # check() handles failed polls itself; this is a bug or a store
-            # failure, and the schedule must go on regardless.
-            logger.exception("scheduled poll of target %s failed", target.name)
+        # Waiting here for a free slot counts as lateness: the poll starts late.
+        async with resources.poll_slots:
+            now = time.monotonic()
+            # A stalled loop may wake up several slots late: run the latest one.
+            caught_up = max(slot, latest_slot(t0, interval, now))
+            missed = caught_up - slot
+            slot = caught_up
+            due = t0 + slot * interval
+            lateness_ms = (now - due) * 1000
+            poller.record_run(target.name, lateness_ms, missed)
+            try:
+                await poller.check(
+                    target, resources, scheduled_at=due + wall_offset, lateness_ms=lateness_ms
+                )
+            except Exception:
+                # check() handles failed polls itself; this is a bug or a store
+                # failure, and the schedule must go on regardless.
+                logger.exception("scheduled poll of target %s failed", target.name)
         slot, skipped = next_slot(t0, interval, slot, time.monotonic())
         if skipped:
             poller.record_missed(target.name, skipped)

@@ -97,7 +97,7 @@ def test_run_all_config_error_exits_2(make_config: ConfigWriter) -> None:
     completed = run_cli("run-all", "--config", config, cwd=config.parent)
 
     assert completed.returncode == 2
-    assert "poller.interval: must be greater than 0" in completed.stderr
+    assert "poller.interval: must be at least 0.001" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 

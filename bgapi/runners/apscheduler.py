@@ -149,16 +149,21 @@ class APSchedulerRunner(Runner):
         assert task is not None
         self._running.add(task)
         slots = self._slots[name]
+        assert self._resources is not None
         try:
-            scheduled_at, missed = slots.pending or (time.time(), 0)
-            slots.pending = None
-            lateness_ms = (time.time() - scheduled_at) * 1000
-            self.poller.set_next_run(name, scheduled_at + slots.interval_s)
-            self.poller.record_run(name, lateness_ms, missed)
-            assert self._resources is not None
-            await self.poller.check(
-                slots.target, self._resources, scheduled_at=scheduled_at, lateness_ms=lateness_ms
-            )
+            # Bounded like the other modes: at most max_concurrency polls at once.
+            async with self._resources.poll_slots:
+                scheduled_at, missed = slots.pending or (time.time(), 0)
+                slots.pending = None
+                lateness_ms = (time.time() - scheduled_at) * 1000
+                self.poller.set_next_run(name, scheduled_at + slots.interval_s)
+                self.poller.record_run(name, lateness_ms, missed)
+                await self.poller.check(
+                    slots.target,
+                    self._resources,
+                    scheduled_at=scheduled_at,
+                    lateness_ms=lateness_ms,
+                )
         except asyncio.CancelledError:
             # Only _stop() cancels a run. APScheduler 3 catches BaseException
             # around the job and would log this cancellation as a failure with
