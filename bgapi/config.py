@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib.util
 import ipaddress
 import os
@@ -353,10 +354,16 @@ class Config(_Section):
 
     def target(self, name: str) -> TargetConfig | None:
         """Return the target called ``name``, or None."""
-        return next((target for target in self.targets if target.name == name), None)
+        return self._targets_by_name.get(name)
+
+    @functools.cached_property
+    def _targets_by_name(self) -> dict[str, TargetConfig]:
+        return {target.name: target for target in self.targets}
 
     def redact(self, text: str) -> str:
         """Replace every secret value that appears in ``text`` with ``***``."""
+        if not self._secrets:
+            return text
         return _Redactor(set(self._secrets))(text)
 
     def startup_warnings(self) -> list[str]:

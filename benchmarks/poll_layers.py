@@ -1,0 +1,144 @@
+"""Measure the CPU cost of each layer of one poll against the built-in upstream.
+
+    python benchmarks/poll_layers.py [--polls 5000] [--concurrency 10] [--http-client auto]
+
+Each layer adds to the one before: a bare ``aiohttp`` request, the same
+request through ``httpx.AsyncClient`` (with bgapi's transport), bgapi's
+``poll_http`` (deadline, body cap, conditions), ``Poller.check`` without a
+store (state, statistics) and ``Poller.check`` with the SQLite store. The
+difference between two rows is the cost of a layer. Each row is the lowest
+of ``--rounds`` rounds of CPU milliseconds per poll of this process (the
+store's writer thread included), so the noise of a busy machine only adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+from bgapi.conditions import parse_conditions
+from bgapi.config import config_from_dict
+from bgapi.poll import poll_http
+from bgapi.poller import LoopResources, Poller
+from bgapi.store import Store
+
+TARGETS = 10
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _measure(
+    name: str, poll: Callable[[int], Awaitable[object]], args: argparse.Namespace
+) -> None:
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def one(index: int) -> None:
+        async with gate:
+            await poll(index)
+
+    await asyncio.gather(*(one(index) for index in range(200)))  # warm-up
+    best = float("inf")
+    for _ in range(args.rounds):
+        cpu = _cpu_s()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(index) for index in range(args.polls)))
+        elapsed = time.perf_counter() - start
+        best = min(best, (_cpu_s() - cpu) / args.polls * 1000)
+    print(f"{name:<26} {best:6.3f} CPU ms/poll   {args.polls / elapsed:7,.0f} polls/s (last round)")
+
+
+async def _run(port: int, args: argparse.Namespace) -> None:
+    workdir = tempfile.mkdtemp(prefix="bgapi-layers-")
+    config = config_from_dict(
+        {
+            "poller": {"timeout": 5, "http_client": args.http_client},
+            "store": {"path": f"{workdir}/bgapi.db"},
+            "targets": [
+                {
+                    "name": f"t{index}",
+                    "url": f"http://127.0.0.1:{port}/status/{index}",
+                    "conditions": ["status == 200", 'json.status == "ok"'],
+                }
+                for index in range(TARGETS)
+            ],
+        }
+    )
+    targets = config.targets
+    conditions = parse_conditions(targets[0].conditions)
+    resources = LoopResources(config)
+    client = resources.clients.for_target(targets[0])
+    try:
+        session_of = getattr(client._transport, "_get_session", None)
+        if session_of is not None:
+            session = session_of()
+
+            async def bare(index: int) -> None:
+                async with session.get(targets[index % TARGETS].url) as response:
+                    await response.read()
+
+            await _measure("aiohttp request", bare, args)
+
+        async def through_httpx(index: int) -> None:
+            async with client.stream("GET", targets[index % TARGETS].url) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        await _measure("httpx.AsyncClient", through_httpx, args)
+
+        async def poll_core(index: int) -> None:
+            await poll_http(client, targets[index % TARGETS], conditions, max_body_bytes=1 << 20)
+
+        await _measure("poll_http", poll_core, args)
+
+        memory_only = Poller(config, None)
+
+        async def check(index: int) -> None:
+            await memory_only.check(targets[index % TARGETS], resources)
+
+        await _measure("Poller.check, no store", check, args)
+
+        store = Store(config.store.path, config.store.retention)
+        store.open()
+        stored = Poller(config, store)
+
+        async def check_stored(index: int) -> None:
+            await stored.check(targets[index % TARGETS], resources)
+
+        try:
+            await _measure("Poller.check, SQLite", check_stored, args)
+        finally:
+            store.close()
+    finally:
+        await resources.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--polls", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--http-client", default="auto", choices=("auto", "httpx", "aiohttp"))
+    args = parser.parse_args()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "bgapi.compare.upstream", "--max-seconds", "600"], stdout=subprocess.PIPE
+    )
+    try:
+        assert upstream.stdout is not None
+        port = int(upstream.stdout.readline())
+        asyncio.run(_run(port, args))
+    finally:
+        upstream.terminate()
+        upstream.wait(5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""``bgapi compare``: measure the poller's strategies side by side on this machine.
+
+Each mode runs in a fresh process (:mod:`bgapi.compare.child`), in turn and
+interleaved over the repetitions, against the built-in upstream
+(:mod:`bgapi.compare.upstream`), with the load generator
+(:mod:`bgapi.compare.load`) in a process of its own. A ``baseline`` run of the
+same server without a poller comes first in every repetition, so the poller's
+cost on the server is a ratio. :mod:`bgapi.compare.report` prints the table
+and the verdict and writes the JSON and the plot.
+
+This package is imported only by the ``compare`` command.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BGAPI_MODES", "run_compare"]
+
+BGAPI_MODES = ("thread", "asyncio", "apscheduler")
+# First polls are spread over at most this many seconds (see bgapi.schedule),
+# so the window starts once every target has run at least once.
+MAX_WARMUP_SPREAD_S = 10.0
+# A poll of the built-in upstream that takes this long has failed anyway.
+MAX_POLL_TIMEOUT_S = 10.0
+
+
+def _known_modes() -> tuple[str, ...]:
+    from bgapi.compare.peers import PEER_MODES
+
+    return BGAPI_MODES + PEER_MODES
+
+
+def _check_requirements(modes: list[str], plot_path: Path | None) -> str | None:
+    """Return an error message when a mode or an optional package is missing."""
+    known = _known_modes()
+    unknown = [mode for mode in modes if mode not in known]
+    if unknown:
+        return f"unknown mode(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(known)}"
+    if len(set(modes)) != len(modes):
+        return f"--modes lists a mode twice: {','.join(modes)}"
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return "bgapi compare needs psutil to measure CPU and memory; install it with: pip install 'bgapi[compare]'"
+    if "apscheduler" in modes:
+        try:
+            import apscheduler  # noqa: F401
+
+            import bgapi.runners.apscheduler  # noqa: F401
+        except ImportError as exc:
+            return f"mode 'apscheduler' is not available ({exc}); install it with: pip install 'bgapi[apscheduler]'"
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib; install it with: pip install 'bgapi[plot]'"
+    return None
+
+
+def run_compare(
+    *,
+    modes: list[str],
+    targets: int,
+    interval: float,
+    duration: float,
+    load: int,
+    blocking_ms: float,
+    repeat: int,
+    json_path: Path | None,
+    plot_path: Path | None,
+    rate: float = 0.0,
+    warmup: float | None = None,
+    http_client: str = "auto",
+    baseline: bool = True,
+) -> int:
+    """Run the comparison, print the table and verdict, write the files; return the exit code.
+
+    Returns:
+        0 when every run was measured, 1 when any run failed (the others are
+        still reported), 2 for invalid options or a missing optional package,
+        130 when interrupted.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False)
+    error = _check_requirements(modes, plot_path)
+    if error is None and not modes:
+        error = "--modes is empty; give at least one mode, e.g. --modes thread,asyncio"
+    if error is None and rate and not load:
+        error = "--rate needs --load: give the number of concurrent clients that share the rate"
+    if error is not None:
+        console.print(f"[bold red]error:[/] {escape(error)}")
+        return 2
+
+    from bgapi.compare.harness import RunSettings
+
+    warmup_s = warmup if warmup is not None else min(interval, MAX_WARMUP_SPREAD_S) + 0.5
+    settings = RunSettings(
+        targets=targets,
+        interval_s=interval,
+        duration_s=duration,
+        warmup_s=warmup_s,
+        load=load,
+        rate=rate,
+        blocking_ms=blocking_ms,
+        timeout_s=min(max(interval, 1.0), MAX_POLL_TIMEOUT_S),
+        http_client=http_client,
+    )
+    try:
+        return _run(console, modes, settings, repeat, json_path, plot_path, baseline)
+    except KeyboardInterrupt:
+        console.print("interrupted; every process it started has been stopped")
+        return 130
+
+
+def _run(
+    console: Any,
+    modes: list[str],
+    settings: Any,
+    repeat: int,
+    json_path: Path | None,
+    plot_path: Path | None,
+    baseline: bool,
+) -> int:
+    from rich.console import Console
+
+    from bgapi.compare import harness, report
+    from bgapi.compare.child import BASELINE
+
+    all_modes = [BASELINE, *modes] if baseline else list(modes)
+    machine = harness.machine_info()
+    started_at = time.time()
+    runs: list[dict[str, Any]] = []
+    group = harness.ProcessGroup()
+    per_run_s = settings.warmup_s + settings.duration_s + 3
+    upstream_life_s = (per_run_s + harness.STARTUP_TIMEOUT_S) * len(all_modes) * repeat + 60
+    try:
+        upstream_port = harness.start_upstream(group, upstream_life_s)
+        with tempfile.TemporaryDirectory(prefix="bgapi-compare-") as tmp:
+            runs = _run_all(console, all_modes, settings, repeat, upstream_port, Path(tmp))
+    finally:
+        group.close()
+
+    summary = report.summarize(runs, all_modes)
+    settings_dict = {**settings.__dict__, "modes": modes, "repeat": repeat, "baseline": baseline}
+    title = _title(settings, repeat)
+    out = Console()
+    if not out.is_terminal:
+        # A pipe or file gets 80 columns by default, too narrow for the modes side by side.
+        out = Console(width=max(out.width, 160))
+    report.print_table(out, summary, all_modes, bool(settings.load), title)
+    text = report.verdict(summary, all_modes, settings_dict)
+    out.print(text, markup=False)
+    failed = [run for run in runs if not run.get("ok")]
+    document = {
+        "command": sys.argv,
+        "settings": settings_dict,
+        "machine": {**machine, "load_average_after": harness.machine_info()["load_average"]},
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "runs": runs,
+        "summary": summary,
+        "verdict": text,
+    }
+    if json_path is not None:
+        report.write_json(json_path, document)
+        console.print(f"wrote {json_path}", markup=False)
+    if plot_path is not None:
+        report.write_plot(plot_path, runs, all_modes, title)
+        console.print(f"wrote {plot_path}", markup=False)
+    if failed:
+        console.print(f"[bold red]{len(failed)} run(s) failed[/]; see the errors above")
+    return 1 if failed else 0
+
+
+def _run_all(
+    console: Any,
+    all_modes: list[str],
+    settings: Any,
+    repeat: int,
+    upstream_port: int,
+    workdir: Path,
+) -> list[dict[str, Any]]:
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bgapi.compare import harness
+
+    runs: list[dict[str, Any]] = []
+    total = len(all_modes) * repeat
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total} runs"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=total)
+        for repetition in range(repeat):
+            # Rotate the order each repetition, so no mode always runs first.
+            shift = repetition % len(all_modes)
+            order = all_modes[shift:] + all_modes[:shift]
+            for mode in order:
+                done = len(runs)
+                label = f"{mode} ({repetition + 1}/{repeat})"
+
+                def on_progress(phase: str, fraction: float, label: str = label, done: int = done) -> None:
+                    progress.update(task, description=f"{label}: {phase}", completed=done + 0.9 * fraction)
+
+                run_dir = workdir / f"{repetition}-{mode}"
+                run_dir.mkdir()
+                run_group = harness.ProcessGroup()
+                try:
+                    figures = harness.measure_run(mode, settings, upstream_port, run_dir, run_group, on_progress)
+                    figures.update(ok=True)
+                except harness.CompareError as exc:
+                    progress.console.print(f"[bold red]error:[/] {escape(f'{label}: {exc}')}")
+                    figures = {"mode": mode, "ok": False, "error": str(exc)}
+                finally:
+                    run_group.close()
+                figures["repetition"] = repetition
+                runs.append(figures)
+                progress.update(task, completed=len(runs))
+    return runs
+
+
+def _title(settings: Any, repeat: int) -> str:
+    parts = [f"{settings.targets} targets every {settings.interval_s:g} s", f"{settings.duration_s:g} s window"]
+    if settings.load:
+        parts.append(f"load {settings.load} clients" + (f" at {settings.rate:g} req/s" if settings.rate else ""))
+    else:
+        parts.append("no API load")
+    if settings.blocking_ms:
+        parts.append(f"{settings.blocking_ms:g} ms blocking per poll")
+    parts.append(f"median (min–max) of {repeat} repetition(s)")
+    return "bgapi compare: " + ", ".join(parts)

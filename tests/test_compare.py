@@ -1,0 +1,250 @@
+"""Tests of ``bgapi compare``: the real command end to end, and its parts on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from bgapi.compare.load import run_load
+from bgapi.compare.report import METRICS, RATIOS, write_plot
+from bgapi.compare.stats import histogram, percentiles, spread
+from bgapi.compare.upstream import BODY, serve
+
+SMOKE_MODES = ("thread", "asyncio", "fixed-delay")
+SMOKE_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """Run one tiny comparison with API load and return its JSON and its stdout."""
+    workdir = tmp_path_factory.mktemp("compare")
+    out = workdir / "compare.json"
+    result = run_cli(
+        "compare",
+        "--modes", ",".join(SMOKE_MODES),
+        "--targets", "5",
+        "--interval", "0.1",
+        "--duration", "0.6",
+        "--warmup", "0.2",
+        "--load", "4",
+        "--rate", "200",
+        "--repeat", "1",
+        "--json", out,
+        cwd=workdir,
+        timeout_s=SMOKE_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_smoke_json_describes_machine(smoke: tuple[dict, str]) -> None:
+    document, _ = smoke
+    machine = document["machine"]
+    assert machine["cpu_count"] >= 1
+    assert machine["python"].count(".") == 2
+    assert "httpx" in machine["packages"]
+    assert document["settings"]["modes"] == list(SMOKE_MODES)
+    assert document["format_version"] == 1
+
+
+def test_smoke_measures_every_run(smoke: tuple[dict, str]) -> None:
+    document, _ = smoke
+    runs = document["runs"]
+    assert sorted(run["mode"] for run in runs) == sorted(["baseline", *SMOKE_MODES])
+    for run in runs:
+        assert run["ok"], run
+        assert run["exit_code"] == 0, run["mode"]
+        assert 0 < run["stop_s"] < 10, run["mode"]
+        assert 0 < run["ready_s"] < 60, run["mode"]
+        assert 10 < run["peak_rss_mb"] < 2000, run["mode"]
+        assert run["cpu_s"] >= 0, run["mode"]
+        server = run["server"]
+        assert server["completed"] > 0, run["mode"]
+        assert server["requests_per_s"] > 0, run["mode"]
+        assert 0 < server["latency_ms"]["p50"] <= server["latency_ms"]["p99"] <= server["latency_ms"]["max"]
+
+
+def test_smoke_poll_modes_ran_on_schedule(smoke: tuple[dict, str]) -> None:
+    document, _ = smoke
+    for run in document["runs"]:
+        if run["mode"] == "baseline":
+            assert run["runs_done"] == 0
+            continue
+        lateness = run["lateness_ms"]
+        assert run["runs_done"] > 0, run["mode"]
+        assert run["runs_scheduled"] > 0, run["mode"]
+        assert run["poll_errors"] == {}, run["mode"]
+        assert -1 < lateness["p50"] <= lateness["p99"] <= lateness["max"], run["mode"]
+        assert 0 < run["first_poll_s"] < 60, run["mode"]
+        assert run["cpu_s_per_1000_polls"] > 0, run["mode"]
+        assert run["drift_ms"] is not None, run["mode"]
+        assert run["runner_state"] == "stopped", run["mode"]
+
+
+def test_smoke_summary_has_every_metric(smoke: tuple[dict, str]) -> None:
+    document, _ = smoke
+    summary = document["summary"]
+    assert set(summary) == {"baseline", *SMOKE_MODES}
+    for mode, entry in summary.items():
+        for key, _, _ in METRICS:
+            assert set(entry[key]) == {"median", "min", "max"}, (mode, key)
+        for key, _, _ in RATIOS:
+            assert key in entry, (mode, key)
+    assert summary["baseline"]["server_p99_ratio"]["median"] == pytest.approx(1.0)
+    assert summary["thread"]["server_p99_ratio"]["median"] > 0
+
+
+def test_smoke_prints_table_and_verdict(smoke: tuple[dict, str]) -> None:
+    document, stdout = smoke
+    for mode in SMOKE_MODES:
+        assert mode in stdout
+    assert "run lateness p99 (ms)" in stdout
+    assert document["verdict"]
+    assert "baseline" in document["verdict"]
+
+
+def test_smoke_runs_plot_as_png(smoke: tuple[dict, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    document, _ = smoke
+    out = tmp_path / "plot.png"
+    write_plot(out, document["runs"], ["baseline", *SMOKE_MODES], "smoke")
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_rejects_unknown_mode(tmp_path: Path) -> None:
+    result = run_cli("compare", "--modes", "thread,threads", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown mode(s) 'threads'" in result.stderr
+    assert "bare-thread" in result.stderr
+
+
+def test_compare_rejects_rate_without_load(tmp_path: Path) -> None:
+    result = run_cli("compare", "--rate", "100", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--rate needs --load" in result.stderr
+
+
+def test_plot_without_matplotlib_names_extra(tmp_path: Path) -> None:
+    # A matplotlib module that fails to import simulates a missing install.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "matplotlib.py").write_text("raise ImportError('No module named matplotlib')\n")
+    result = run_cli(
+        "compare", "--plot", tmp_path / "out.png", cwd=tmp_path, env={"PYTHONPATH": str(shadow)}
+    )
+    assert result.returncode == 2
+    assert "pip install 'bgapi[plot]'" in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.fixture
+def upstream_port() -> Iterator[int]:
+    """Serve the built-in upstream in a thread and return its port."""
+    ready = threading.Event()
+    port: list[int] = []
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def on_ready(bound: int) -> None:
+        port.append(bound)
+        ready.set()
+
+    async def main() -> None:
+        await serve(ready=on_ready, stop=stop, max_seconds=60)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield port[0]
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(10)
+    loop.close()
+
+
+def _read_response(sock: socket.socket, buffer: bytearray) -> bytes:
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed before the response head"
+        buffer += chunk
+    end = buffer.index(b"\r\n\r\n") + 4
+    while len(buffer) < end + len(BODY):
+        buffer += sock.recv(4096)
+    response = bytes(buffer[: end + len(BODY)])
+    del buffer[: end + len(BODY)]
+    return response
+
+
+def test_upstream_keeps_connection_and_skips_bodies(upstream_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", upstream_port), timeout=5) as sock:
+        # Two pipelined requests, the first with a body that must not be read as a request.
+        sock.sendall(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 19\r\n\r\nGET /b HTTP/1.1\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        buffer = bytearray()
+        first = _read_response(sock, buffer)
+        second = _read_response(sock, buffer)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert first.endswith(BODY)
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_upstream_closes_on_connection_close(upstream_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", upstream_port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    assert b"connection: close" in data
+    assert data.endswith(BODY)
+
+
+def test_load_generator_paces_requests(upstream_port: int) -> None:
+    result = asyncio.run(
+        run_load("127.0.0.1", upstream_port, ["/a", "/b"], concurrency=3, duration_s=0.5, rate=100)
+    )
+    data = result.to_dict()
+    assert data["errors"] == {}
+    # 100 requests/s for 0.5 s: 50 slots; a slow machine may lose the last few.
+    assert 30 <= data["completed"] <= 51
+    assert min(data["latencies_ms"]) > 0
+
+
+def test_load_generator_counts_refused_connections() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    result = asyncio.run(
+        run_load("127.0.0.1", closed_port, ["/"], concurrency=1, duration_s=0.2, max_requests=3)
+    )
+    assert result.errors["connect"] == 3
+    assert len(result.latencies_ms) == 0
+
+
+def test_percentiles_use_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentiles(values) == {"p50": 50, "p99": 99, "max": 100}
+    assert percentiles([]) == {"p50": None, "p99": None, "max": None}
+
+
+def test_spread_ignores_missing_values() -> None:
+    assert spread([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert spread([None]) == {"median": None, "min": None, "max": None}
+
+
+def test_histogram_counts_every_value() -> None:
+    result = histogram([-0.5, 0.0, 0.05, 1.0, 1.1, 250.0])
+    assert sum(result["counts"]) == 6
+    edges = result["edges_ms"]
+    assert result["counts"][0] == 2
+    assert result["counts"][edges.index(1.0)] == 2
