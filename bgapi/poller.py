@@ -42,7 +42,7 @@ Target: TypeAlias = TargetConfig | Job
 
 
 class LoopResources:
-    """What polls need from the event loop they run on.
+    """The per-loop resources of polls: HTTP clients, action tasks, poll slots.
 
     The HTTP clients and the action tasks belong to one event loop: the
     runner that owns the loop creates this object on it and closes it there.
@@ -94,7 +94,7 @@ class Poller:
     """Poll targets, keep their state, store results and fire actions.
 
     Safe to use from several threads and event loops at once: state lives
-    behind a lock, and the API sees a result only after it is committed.
+    behind a lock, and the API shows a result only after it is committed.
     """
 
     def __init__(

@@ -90,7 +90,7 @@ def dump_dom(url: str, profile: Path) -> str:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
-            # Lets scripts and their fetches finish before the DOM is dumped; it
+            # Lets scripts and their fetches finish before the DOM is dumped. It
             # stays below the status page's 10 s reload, which would blank the dump.
             "--virtual-time-budget=5000",
             "--dump-dom",
