@@ -152,19 +152,17 @@ def run_all(
     loaded = _load(config)
     chosen = mode.value if mode else loaded.poller.mode
     _check_mode_available(chosen)
-    if workers > 1:
-        _serve_workers(
-            config,
-            loaded,
-            chosen,
-            workers=workers,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=access_log,
-        )
-        return
-    _serve(loaded, chosen, poll=True, host=host, port=port, log_level=log_level, access_log=access_log)
+    _serve(
+        loaded,
+        chosen,
+        poll=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        workers=workers,
+        config_path=config,
+    )
 
 
 @app.command("serve")
@@ -311,36 +309,6 @@ def _check_store(config: Config) -> None:
     store.close()
 
 
-def _serve_workers(
-    path: Path,
-    config: Config,
-    mode: str,
-    *,
-    workers: int,
-    host: str | None,
-    port: int | None,
-    log_level: LogLevel,
-    access_log: bool,
-) -> None:
-    from bgapi.logs import setup_logging
-    from bgapi.workers import run_workers
-
-    setup_logging(log_level.value, config.redact)
-    _check_store(config)
-    started = run_workers(
-        path,
-        workers=workers,
-        mode=mode,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
-        log_level=log_level.value,
-        access_log=access_log,
-    )
-    if not started:
-        raise typer.Exit(1)
-    logger.info("bgapi stopped")
-
-
 def _serve(
     config: Config,
     mode: str | None,
@@ -350,20 +318,36 @@ def _serve(
     port: int | None,
     log_level: LogLevel,
     access_log: bool,
+    workers: int = 1,
+    config_path: Path | None = None,
 ) -> None:
+    """Serve until SIGINT or SIGTERM; several workers re-read the file at ``config_path``."""
     from bgapi.logs import setup_logging
-    from bgapi.server import create_app, run_server
 
     setup_logging(log_level.value, config.redact)
     _check_store(config)
-    web_app = create_app(config, mode=mode, poll=poll)
-    started = run_server(
-        web_app,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
-        log_level=log_level.value,
-        access_log=access_log,
-    )
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    if workers > 1:
+        from bgapi.workers import run_workers
+
+        assert config_path is not None, "worker processes load the config from its file"
+        started = run_workers(
+            config_path,
+            workers=workers,
+            mode=mode,
+            host=host,
+            port=port,
+            log_level=log_level.value,
+            access_log=access_log,
+        )
+    else:
+        from bgapi.server import create_app, run_server
+
+        web_app = create_app(config, mode=mode, poll=poll)
+        started = run_server(
+            web_app, host=host, port=port, log_level=log_level.value, access_log=access_log
+        )
     if not started:
         raise typer.Exit(1)
     logger.info("bgapi stopped")
