@@ -425,17 +425,24 @@ def config_from_dict(
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     secrets: set[str] = set()
-    substituted = _substitute(data, (), environ, problems, secrets, source)
+    missing: set[tuple[str | int, ...]] = set()
+    substituted = _substitute(data, (), environ, problems, secrets, source, missing)
     _collect_header_secrets(substituted, secrets)
-    if problems:
-        raise ConfigError(problems)
+    # Cross-field checks run only once every field is valid, so they are made
+    # here too, to report every problem in one run.
+    problems.extend(_check_across_fields(substituted, source))
     try:
         config = Config.model_validate(substituted)
     except ValidationError as exc:
         redactor = _Redactor(set(_expand_secrets(secrets)))
-        raise ConfigError(
-            [_describe_validation_error(error, substituted, source, redactor) for error in exc.errors()]
-        ) from None
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not _is_internal_loc(part))
+            if loc in missing:  # already reported as an unset variable
+                continue
+            problems.append(_describe_validation_error(error, substituted, source, redactor))
+    if problems:
+        # A check made twice (here and by a validator) yields the same line twice.
+        raise ConfigError(list(dict.fromkeys(problems)))
     config._source = source
     token = environ.get(config.server.token_env) or None
     config.server._token = token
@@ -485,8 +492,12 @@ def _substitute(
     problems: list[str],
     secrets: set[str],
     source: str,
+    missing: set[tuple[str | int, ...]],
 ) -> Any:
-    """Replace ``${VAR}`` in every string of ``value``; ``$$`` is a literal ``$``."""
+    """Replace ``${VAR}`` in every string of ``value``; ``$$`` is a literal ``$``.
+
+    The key path of each value that names an unset variable goes into ``missing``.
+    """
     if isinstance(value, str):
 
         def replace(match: re.Match[str]) -> str:
@@ -498,6 +509,7 @@ def _substitute(
                     f"{source}: {_format_path(path)}: environment variable {name!r} is not set; "
                     f"export {name}=... before starting bgapi, or write $$ for a literal $"
                 )
+                missing.add(path)
                 return ""
             secrets.add(environ[name])
             return environ[name]
@@ -505,15 +517,44 @@ def _substitute(
         return _ENV_PATTERN.sub(replace, value)
     if isinstance(value, Mapping):
         return {
-            key: _substitute(item, (*path, key), environ, problems, secrets, source)
+            key: _substitute(item, (*path, key), environ, problems, secrets, source, missing)
             for key, item in value.items()
         }
     if isinstance(value, list):
         return [
-            _substitute(item, (*path, index), environ, problems, secrets, source)
+            _substitute(item, (*path, index), environ, problems, secrets, source, missing)
             for index, item in enumerate(value)
         ]
     return value
+
+
+def _check_across_fields(data: Any, source: str) -> list[str]:
+    """Return the duplicate-name and body-with-json problems of raw config data.
+
+    The lines are the ones the model validators produce, so that duplicates
+    of them can be dropped.
+    """
+    targets = data.get("targets") if isinstance(data, Mapping) else None
+    if not isinstance(targets, list):
+        return []
+    problems = []
+    seen: dict[str, int] = {}
+    for index, target in enumerate(targets):
+        if not isinstance(target, Mapping):
+            continue
+        name = target.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    f"{source}: targets[{index}].name: duplicate target name {name!r}, "
+                    f"already used by targets[{seen[name]}]; give each target a unique name"
+                )
+            else:
+                seen[name] = index
+        if target.get("body") is not None and target.get("json") is not None:
+            where = _format_path(("targets", index), data)
+            problems.append(f"{source}: {where}: give either body or json, not both")
+    return problems
 
 
 def _expand_secrets(secrets: set[str]) -> frozenset[str]:
@@ -645,11 +686,11 @@ def _is_internal_loc(part: Any) -> bool:
 
 def _describe_kind(kind: str, ctx: Mapping[str, Any], fallback: str) -> str:
     if kind == "greater_than":
-        return f"must be greater than {ctx['gt']}"
+        return f"must be greater than {ctx['gt']:g}"
     if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']}"
+        return f"must be at least {ctx['ge']:g}"
     if kind == "less_than_equal":
-        return f"must be at most {ctx['le']}"
+        return f"must be at most {ctx['le']:g}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}"
     if kind == "finite_number":

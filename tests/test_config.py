@@ -493,3 +493,35 @@ def test_values_that_fail_only_at_poll_time(
     message = str(caught.value)
     for fragment in fragments:
         assert fragment in message
+
+
+def test_every_problem_in_one_run(tmp_path: Path) -> None:
+    # An unset variable, a duplicate name and body-with-json used to hide the
+    # other problems until they were fixed.
+    path = tmp_path / "bgapi.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [[targets]]
+            name = "dup"
+            url = "${BGAPI_TEST_UNSET_VARIABLE}"
+            interval = 0
+            [[targets]]
+            name = "dup"
+            url = "http://127.0.0.1:1/"
+            body = "x"
+            json = { a = 1 }
+            """
+        ),
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+
+    problems = caught.value.problems
+    assert len(problems) == 4, problems
+    assert any("'BGAPI_TEST_UNSET_VARIABLE' is not set" in line for line in problems)
+    assert any("duplicate target name 'dup'" in line for line in problems)
+    assert any("give either body or json, not both" in line for line in problems)
+    assert any("interval: must be at least 0.001" in line for line in problems)
