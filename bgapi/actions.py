@@ -68,7 +68,11 @@ async def run_action(
     result: PollResult,
     client: httpx.AsyncClient,
 ) -> None:
-    """Perform one action; log every failure and never raise one."""
+    """Perform one action and log its failures.
+
+    Webhook failures (network errors, timeouts, non-2xx statuses) are retried
+    and logged, not raised. The caller logs anything else with a traceback.
+    """
     if action.type == "log":
         _log_state(target, state, previous_state, result)
         return
@@ -125,7 +129,7 @@ async def _post_webhook(
 async def _try_post(
     action: ActionConfig, payload: dict[str, Any], client: httpx.AsyncClient
 ) -> str | None:
-    """POST once; return None on a 2xx answer, otherwise what went wrong.
+    """POST once; return None on a 2xx response, otherwise what went wrong.
 
     With a ``secret``, each attempt is signed with a fresh timestamp, so a
     retry passes a receiver's freshness check too.

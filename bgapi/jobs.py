@@ -123,15 +123,8 @@ class Job:
         An exception, a ``False`` or a timeout of the function becomes a failed
         result (an exception is logged too). Cancellation propagates.
         """
-        started_at = time.time()
         start = time.perf_counter()
-        result = PollResult(
-            target=self.name,
-            ok=False,
-            scheduled_at=scheduled_at if scheduled_at is not None else started_at,
-            started_at=started_at,
-            elapsed_ms=0.0,
-        )
+        result = PollResult.starting(self.name, scheduled_at)
         running = False
         try:
             async with asyncio.timeout(self.timeout) as deadline:

@@ -73,6 +73,21 @@ class PollResult:
     failed_conditions: list[str] = field(default_factory=list)
     lateness_ms: float | None = None
 
+    @classmethod
+    def starting(cls, target: str, scheduled_at: float | None) -> PollResult:
+        """Return a failed result that starts now; the caller fills in the outcome.
+
+        ``scheduled_at`` of None (a poll on request) means the start time.
+        """
+        started_at = time.time()
+        return cls(
+            target=target,
+            ok=False,
+            scheduled_at=started_at if scheduled_at is None else scheduled_at,
+            started_at=started_at,
+            elapsed_ms=0.0,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Return the result as JSON-ready data with ISO 8601 UTC times."""
         data = asdict(self)
@@ -172,15 +187,8 @@ async def poll_http(
     target's timeout. Network and HTTP failures are returned as a failed
     result; an exception escapes only for a bug.
     """
-    started_at = time.time()
     start = time.perf_counter()
-    result = PollResult(
-        target=target.name,
-        ok=False,
-        scheduled_at=scheduled_at if scheduled_at is not None else started_at,
-        started_at=started_at,
-        elapsed_ms=0.0,
-    )
+    result = PollResult.starting(target.name, scheduled_at)
     deadline_s = target.timeout_s
     request_timeout = httpx.Timeout(
         deadline_s, connect=min(deadline_s, MAX_CONNECT_TIMEOUT_S), pool=deadline_s

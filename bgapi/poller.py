@@ -2,8 +2,8 @@
 
 :class:`Poller` turns one poll of one target into everything that follows:
 the up/down state, the stored result, the run statistics and the actions.
-Runners decide only *where* this code runs (a thread of its own, a task on
-the server's event loop, APScheduler); what it does is written once, here.
+Runners decide only *where* this code runs: a thread of its own, a task on
+the server's event loop, or APScheduler. What it does is written once, here.
 """
 
 from __future__ import annotations
@@ -262,16 +262,10 @@ class Poller:
             )
         except Exception as exc:
             logger.exception("poll of target %s failed with an unexpected error", target.name)
-            now = time.time()
-            return PollResult(
-                target=target.name,
-                ok=False,
-                scheduled_at=scheduled_at if scheduled_at is not None else now,
-                started_at=now,
-                elapsed_ms=0.0,
-                error_kind=ErrorKind.INTERNAL,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            result = PollResult.starting(target.name, scheduled_at)
+            result.error_kind = ErrorKind.INTERNAL
+            result.error = f"{type(exc).__name__}: {exc}"
+            return result
 
     def _redact(self, result: PollResult) -> None:
         if result.error:

@@ -36,7 +36,7 @@ from bgapi.runners import Runner
 from bgapi.security import WriteGuard, describe_write_access, install_openapi_security
 from bgapi.state import TargetStatus
 
-__all__ = ["Server", "add_api_routes", "create_app", "run_server"]
+__all__ = ["Server", "add_api_routes", "create_app", "run_server", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ def create_app(
             )
             logger.log(level, "%s", access)
             # Move what lives as long as the server (config, targets, parsed
-            # conditions, routes) out of the cycle collector's view: its full
-            # collections then scan only what polls allocate, which shortens GC
-            # pauses while polling and the exit with thousands of targets.
+            # conditions, routes) out of the cycle collector's view. Its full
+            # collections then scan only what polls allocate, so GC pauses and
+            # the exit with thousands of targets get shorter.
             gc.freeze()
             yield
 
@@ -437,21 +437,35 @@ class Server(uvicorn.Server):
         yield
 
 
-def run_server(
-    app: FastAPI, *, host: str, port: int, log_level: str = "info", access_log: bool = False
-) -> bool:
-    """Serve ``app`` until SIGINT or SIGTERM; return False if it never started."""
-    app.state.listen_host = host
-    config = uvicorn.Config(
+def uvicorn_config(
+    app: Any, *, host: str, port: int, log_level: str, access_log: bool, **options: Any
+) -> uvicorn.Config:
+    """Return the uvicorn settings of every bgapi server, one process or several.
+
+    ``options`` adds uvicorn settings, such as ``factory`` and ``workers``.
+    """
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
+        # bgapi's own logging setup (bgapi.logs) handles uvicorn's loggers too.
         log_config=None,
         log_level=log_level,
         access_log=access_log,
         lifespan="on",
         # Connections still open at shutdown get this long before they are cut.
         timeout_graceful_shutdown=1,
+        **options,
+    )
+
+
+def run_server(
+    app: FastAPI, *, host: str, port: int, log_level: str = "info", access_log: bool = False
+) -> bool:
+    """Serve ``app`` until SIGINT or SIGTERM; return False if it never started."""
+    app.state.listen_host = host
+    config = uvicorn_config(
+        app, host=host, port=port, log_level=log_level, access_log=access_log
     )
     server = Server(config)
     try:

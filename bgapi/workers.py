@@ -346,9 +346,10 @@ def run_workers(
         False if a worker failed during startup (the app or the port is
         broken), True otherwise.
     """
-    import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+
+    from bgapi.server import uvicorn_config
 
     # Spawned workers inherit the environment and nothing else of this process.
     os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
@@ -358,17 +359,14 @@ def run_workers(
         os.environ[MODE_ENV] = mode
     else:
         os.environ.pop(MODE_ENV, None)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         WORKER_APP,
-        factory=True,
         host=host,
         port=port,
-        workers=workers,
-        log_config=None,
         log_level=log_level,
         access_log=access_log,
-        lifespan="on",
-        timeout_graceful_shutdown=1,
+        factory=True,
+        workers=workers,
     )
     sock = config.bind_socket()
     supervisor = Multiprocess(config, sockets=[sock])
