@@ -90,9 +90,12 @@ DELETE FROM results WHERE target = ? AND id <= (
 
 @dataclass(slots=True)
 class _Write:
+    """A queued result: ``done`` is called after the commit, or ``future`` settled on its loop."""
+
     result: PollResult
     status: tuple[Any, ...]
-    done: Callable[[BaseException | None], None]
+    done: Callable[[BaseException | None], None] | None = None
+    future: asyncio.Future[None] | None = None
 
 
 _STOP = object()
@@ -174,17 +177,8 @@ class Store:
         Raises:
             StoreError: the write failed (disk full, read-only file, ...).
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def done(error: BaseException | None) -> None:
-            # The caller's loop may have closed meanwhile (a runner's thread
-            # stopped with this save pending). Raising here would kill the
-            # writer thread and leave every later save waiting forever.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, error)
-
-        self.submit(result, status, done)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(result, status, future=future)
         await future
 
     def save_blocking(self, result: PollResult, status: TargetStatus) -> None:
@@ -206,8 +200,22 @@ class Store:
         self, result: PollResult, status: TargetStatus, done: Callable[[BaseException | None], None]
     ) -> None:
         """Queue a write; ``done`` is called from the writer thread after the commit."""
+        self._enqueue(result, status, done=done)
+
+    def _enqueue(
+        self,
+        result: PollResult,
+        status: TargetStatus,
+        *,
+        done: Callable[[BaseException | None], None] | None = None,
+        future: asyncio.Future[None] | None = None,
+    ) -> None:
         if self._writer is None:
-            done(StoreError("the store is not open"))
+            error = StoreError("the store is not open")
+            if future is not None:
+                future.set_exception(error)
+            elif done is not None:
+                done(error)
             return
         row = (
             status.name,
@@ -217,7 +225,7 @@ class Store:
             status.last_success_at,
             status.last_change_at,
         )
-        self._queue.put(_Write(result, row, done))
+        self._queue.put(_Write(result, row, done, future))
 
     def results(self, target: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the newest ``limit`` results of ``target``, newest first."""
@@ -337,8 +345,7 @@ class Store:
                 )
             self._write_error = None
             self._unstored = 0
-        for write in batch:
-            write.done(error)
+        _report(batch, error)
 
     def _prune_if_due(self, connection: sqlite3.Connection, target: str) -> None:
         # Pruning after every insert would double the writes; once per tenth of
@@ -351,13 +358,34 @@ class Store:
         connection.execute(_PRUNE, (target, target, self.retention))
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _report(batch: list[_Write], error: BaseException | None) -> None:
+    """Tell every writer of ``batch`` that it committed, or failed with ``error``.
+
+    Waking an event loop from another thread costs a system call, so each
+    loop is woken once per batch rather than once per result.
+    """
+    waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for write in batch:
+        if write.future is not None:
+            waiting.setdefault(write.future.get_loop(), []).append(write.future)
+        elif write.done is not None:
+            write.done(error)
+    for loop, futures in waiting.items():
+        # The loop may have closed meanwhile (a runner's thread stopped with
+        # a save pending). Raising here would kill the writer thread and leave
+        # every later save waiting forever.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def _result_row(row: sqlite3.Row) -> dict[str, Any]:
