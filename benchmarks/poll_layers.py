@@ -3,10 +3,12 @@
     python benchmarks/poll_layers.py [--polls 5000] [--concurrency 10] [--http-client auto]
 
 Each layer adds to the one before: a bare ``aiohttp`` request, the same
-request through ``httpx.AsyncClient`` (with bgapi's transport), bgapi's
-``poll_http`` (deadline, body cap, conditions), ``Poller.check`` without a
-store (state, statistics) and ``Poller.check`` with the SQLite store. The
-difference between two rows is the cost of a layer. Each row is the lowest
+request as an ``httpx.Request`` built once and sent to the client's
+transport (what ``poll_http`` does), bgapi's ``poll_http`` (deadline, body
+cap, conditions), ``Poller.check`` without a store (state, statistics) and
+``Poller.check`` with the SQLite store. The difference between two rows is
+the cost of a layer. For comparison, one row sends the same request the
+usual way, with ``AsyncClient.stream``, which builds the request each time. Each row is the lowest
 of ``--rounds`` rounds of CPU milliseconds per poll of this process (the
 store's writer thread included), so the noise of a busy machine only adds.
 """
@@ -87,12 +89,16 @@ async def _run(port: int, args: argparse.Namespace) -> None:
 
             await _measure("aiohttp request", bare, args)
 
-        async def through_httpx(index: int) -> None:
-            async with client.stream("GET", targets[index % TARGETS].url) as response:
-                async for _ in response.aiter_bytes():
-                    pass
+        transport = client.direct_transport
+        requests = [client.prepared(target) for target in targets]
 
-        await _measure("httpx.AsyncClient", through_httpx, args)
+        async def through_transport(index: int) -> None:
+            response = await transport.handle_async_request(requests[index % TARGETS])
+            async for _ in response.aiter_raw():
+                pass
+            await response.aclose()
+
+        await _measure("httpx transport, prepared", through_transport, args)
 
         async def poll_core(index: int) -> None:
             await poll_http(client, targets[index % TARGETS], conditions, max_body_bytes=1 << 20)
@@ -117,6 +123,13 @@ async def _run(port: int, args: argparse.Namespace) -> None:
             await _measure("Poller.check, SQLite", check_stored, args)
         finally:
             store.close()
+
+        async def through_httpx(index: int) -> None:
+            async with client.stream("GET", targets[index % TARGETS].url) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        await _measure("(AsyncClient.stream)", through_httpx, args)
     finally:
         await resources.aclose()
 

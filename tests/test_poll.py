@@ -295,6 +295,67 @@ def test_redirect_keeps_headers_on_origin(upstream: Upstream) -> None:
     assert upstream.requests_for("/ok")[0].headers["x-api-key"] == "k-123456789"
 
 
+@pytest.mark.parametrize(
+    ("status", "method", "body"),
+    [(303, "GET", ""), (302, "GET", ""), (307, "POST", "payload"), (308, "POST", "payload")],
+)
+def test_redirect_after_post(upstream: Upstream, status: int, method: str, body: str) -> None:
+    # 303 (and 301 or 302 after a POST) turn into a GET without a body; 307
+    # and 308 repeat the request as it was.
+    url = upstream.url(f"/redirect-to?status={status}&url={upstream.url('/echo')}")
+    result = poll(url, method="POST", body="payload", headers={"Content-Type": "text/plain"})
+
+    assert result.ok, result
+    echoed = upstream.requests_for("/echo")[0]
+    assert echoed.method == method
+    assert echoed.body.decode() == body
+    if not body:
+        assert "content-length" not in echoed.headers or echoed.headers["content-length"] == "0"
+        assert "content-type" not in echoed.headers
+
+
+def test_polls_keep_no_cookies(upstream: Upstream) -> None:
+    # A monitor's polls are independent: a cookie set by one response is
+    # not sent back, neither along the redirect nor by the next poll.
+    config = config_from_dict(
+        {"targets": [{"name": "t", "url": upstream.url(f"/redirect-to?cookie=1&url={upstream.url('/echo')}")}]}
+    )
+    target = config.targets[0]
+
+    async def run() -> None:
+        clients = HttpClients(config.poller)
+        try:
+            for _ in range(2):
+                result = await poll_http(
+                    clients.for_target(target), target, default_conditions(), max_body_bytes=1 << 20
+                )
+                assert result.ok, result
+        finally:
+            await clients.aclose()
+
+    asyncio.run(run())
+
+    echoed = upstream.requests_for("/echo")
+    assert len(echoed) == 2
+    assert all("cookie" not in request.headers for request in echoed)
+
+
+def test_request_is_built_once_per_target(upstream: Upstream) -> None:
+    config = config_from_dict(
+        {"targets": [{"name": "a", "url": upstream.url("/ok")}, {"name": "b", "url": upstream.url("/json")}]}
+    )
+    a, b = config.targets
+    clients = HttpClients(config.poller)
+    client = clients.for_target(a)
+
+    assert client.prepared(a) is client.prepared(a)
+    assert client.prepared(a) is not client.prepared(b)
+    # A target reloaded under the same name gets a new request.
+    changed = a.model_copy(update={"url": upstream.url("/json")})
+    assert client.prepared(changed).url == upstream.url("/json")
+    asyncio.run(clients.aclose())
+
+
 def test_redirect_drops_headers_across_origins(upstream: Upstream) -> None:
     with Upstream() as other:
         headers = {"X-Api-Key": "k-123456789", "X-Tenant": "acme", "Authorization": "Bearer t"}

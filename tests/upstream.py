@@ -23,7 +23,8 @@ Routes are chosen by path. The query string only carries parameters, and
 - ``/redirect-loop``: 302 to itself. ``/redirect/{n}``: n redirects that end at ``/ok``.
 - ``/gzip-bomb?mb=N``: 200 with ``Content-Encoding: gzip, gzip``, N MiB of zeros inflated.
 - ``/deflate``: 200 JSON ``{"ok": true}`` with ``Content-Encoding: deflate``.
-- ``/redirect-to?url=U``: 302 to U, which must be on ``http://127.0.0.1:``.
+- ``/redirect-to?url=U&status=S&cookie=1``: S (default 302; 301, 303, 307 or 308) to U,
+  which must be on ``http://127.0.0.1:``; with ``cookie=1`` also sets a cookie.
 - ``/not-utf8``: 200 ``text/plain; charset=utf-8`` with the bytes ``b"\\xff\\xfe ok \\xc3\\x28"``.
 - ``/lying-length``: 200 with ``Content-Length: 100`` but 10 body bytes, then close.
 - ``/no-length``: 200 without ``Content-Length``, the body, then close.
@@ -962,7 +963,13 @@ async def _redirect_to(exchange: _Exchange) -> bool:
     location = exchange.query.get("url", "")
     if not location.startswith("http://127.0.0.1:"):
         raise _BadRequest(400, f"url must start with http://127.0.0.1:, got: {location!r}")
-    return await exchange.respond(302, b"", headers=[("Location", location)])
+    status = _int_param(exchange, "status", 302)
+    if status not in (301, 302, 303, 307, 308):
+        raise _BadRequest(400, f"status must be 301, 302, 303, 307 or 308, got: {status}")
+    headers = [("Location", location)]
+    if exchange.query.get("cookie") == "1":
+        headers.append(("Set-Cookie", "session=from-upstream; Path=/"))
+    return await exchange.respond(status, b"", headers=headers)
 
 
 async def _not_utf8(exchange: _Exchange) -> bool:
