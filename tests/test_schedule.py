@@ -317,3 +317,44 @@ def test_first_runs_spread_over_interval(upstream: Upstream) -> None:
     gaps = [later - earlier for earlier, later in itertools.pairwise(firsts)]
     for gap in gaps:
         assert math.isclose(gap, 0.1, abs_tol=0.01), f"first runs not spread: gaps {gaps}"
+
+
+def test_bug_outside_poll_ends_schedule(upstream: Upstream) -> None:
+    # A poll's own failures are results, but a bug in the bookkeeping around
+    # it must reach the runner, which reports the crash, rather than silently
+    # stopping one target.
+    class BrokenStats(RecordingPoller):
+        def record_run(self, name: str, lateness_ms: float, missed: int) -> None:
+            raise RuntimeError("bug in record_run")
+
+    poller = BrokenStats(_config({"name": "t", "url": upstream.url("/ok"), "interval": 0.01}))
+
+    async def run() -> None:
+        await asyncio.wait_for(run_schedule(poller, LoopResources(poller.config)), timeout=5)
+
+    with pytest.raises(RuntimeError, match="bug in record_run"):
+        asyncio.run(run())
+
+
+def test_many_targets_stop_quickly(upstream: Upstream) -> None:
+    # 2,000 targets with a long interval are heap entries, not tasks, so the
+    # schedule stops at once however many there are.
+    targets = [{"name": f"t{i}", "url": upstream.url("/ok"), "interval": 3600} for i in range(2000)]
+    poller = RecordingPoller(_config(*targets))
+
+    async def run() -> float:
+        resources = LoopResources(poller.config)
+        task = asyncio.create_task(run_schedule(poller, resources))
+        await asyncio.sleep(0.3)
+        running = len(asyncio.all_tasks())
+        stop = time.monotonic()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await resources.aclose()
+        assert running < 100, f"{running} tasks for 2,000 idle targets"
+        return time.monotonic() - stop
+
+    stop_s = asyncio.run(run())
+
+    assert stop_s < 2.0
