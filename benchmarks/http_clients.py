@@ -9,6 +9,8 @@ the client process. The upstream runs in a process of its own. Variants:
 - ``httpx``: ``httpx.AsyncClient`` with bgapi's default pool (100 connections).
 - ``httpx-pool10``: the same with a pool of 10 connections.
 - ``bgapi-aiohttp``: ``httpx.AsyncClient`` over bgapi's ``AiohttpTransport``, the default.
+- ``bgapi-prepared``: what a bgapi poll does: an ``httpx.Request`` built once and
+  sent straight to bgapi's ``AiohttpTransport``, without ``AsyncClient.send``.
 - ``httpx-aiohttp``: ``httpx.AsyncClient`` over the ``httpx-aiohttp`` package's transport.
 - ``aiohttp``: ``aiohttp.ClientSession`` alone, the floor.
 
@@ -67,6 +69,22 @@ async def _variant(name: str, url: str, concurrency: int, seconds: float) -> dic
                     await response.read()
 
             return await _measure(get, concurrency, seconds)
+    if client_kind == "bgapi-prepared":
+        from bgapi.aiohttp_transport import AiohttpTransport as BgapiTransport
+
+        transport = BgapiTransport(limits=limits)
+        request = httpx.Request("GET", url)
+
+        async def send() -> None:
+            response = await transport.handle_async_request(request)
+            async for _ in response.aiter_raw():
+                pass
+            await response.aclose()
+
+        try:
+            return await _measure(send, concurrency, seconds)
+        finally:
+            await transport.aclose()
     if client_kind == "bgapi-aiohttp":
         from bgapi.aiohttp_transport import AiohttpTransport as BgapiTransport
 
@@ -126,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", default="1,10,100")
-    parser.add_argument("--clients", default="httpx,httpx-pool10,bgapi-aiohttp,httpx-aiohttp,aiohttp")
+    parser.add_argument("--clients", default="httpx,httpx-pool10,bgapi-aiohttp,bgapi-prepared,httpx-aiohttp,aiohttp")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency-one", type=int, help=argparse.SUPPRESS)

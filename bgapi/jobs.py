@@ -121,7 +121,8 @@ class Job:
         """Run the function once and describe the outcome as a poll result.
 
         An exception, a ``False`` or a timeout of the function becomes a failed
-        result (an exception is logged too). Cancellation propagates.
+        result (an exception is logged too). Cancelling the run propagates; a
+        ``CancelledError`` that the function raises by itself is a failure.
         """
         start = time.perf_counter()
         result = PollResult.starting(self.name, scheduled_at)
@@ -140,6 +141,13 @@ class Job:
             else:
                 result.error_kind = ErrorKind.TIMEOUT
                 result.error = f"the job did not finish within {self.timeout:g} s"
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the runner is stopping
+            # The job's own code raised it (it awaited a future that someone
+            # cancelled): a failed run, or the target would stop for good.
+            self._fail(result, exc)
         except Exception as exc:  # noqa: BLE001 - any error of the job's own is a failed run
             self._fail(result, exc)
         else:
@@ -172,7 +180,7 @@ class Job:
         finally:
             self._busy.release()
 
-    def _fail(self, result: PollResult, error: Exception) -> None:
+    def _fail(self, result: PollResult, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}"
         result.error_kind = ErrorKind.INTERNAL
         result.error = message

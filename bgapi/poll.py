@@ -9,6 +9,7 @@ only bugs propagate as exceptions.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import os
 import socket
@@ -190,10 +191,20 @@ class PollClient(httpx.AsyncClient):
 
 def _build_request(client: httpx.AsyncClient, target: TargetConfig) -> httpx.Request:
     deadline_s = target.timeout_s
+    url = httpx.URL(target.url)
+    headers = {**target.headers, "accept-encoding": ACCEPT_ENCODING}
+    if url.userinfo:
+        # AsyncClient.send turns credentials in the URL into Basic auth, and
+        # polls skip send(). aiohttp rejects a URL with credentials beside an
+        # Authorization header, so they leave the URL.
+        if not any(name.lower() == "authorization" for name in headers):
+            credentials = f"{url.username}:{url.password}".encode()
+            headers["authorization"] = "Basic " + base64.b64encode(credentials).decode("ascii")
+        url = url.copy_with(userinfo=b"")
     return client.build_request(
         target.method,
-        target.url,
-        headers={**target.headers, "accept-encoding": ACCEPT_ENCODING},
+        url,
+        headers=headers,
         content=target.body,
         json=target.json_body,
         timeout=httpx.Timeout(deadline_s, connect=min(deadline_s, MAX_CONNECT_TIMEOUT_S), pool=deadline_s),
@@ -264,6 +275,8 @@ async def poll_http(
         )
     except _UnsupportedEncoding as exc:
         return _fail(result, start, ErrorKind.PROTOCOL, f"unsupported Content-Encoding {exc}")
+    except _InvalidRedirect as exc:
+        return _fail(result, start, ErrorKind.PROTOCOL, str(exc))
     except httpx.HTTPError as exc:
         kind, message = classify_http_error(exc)
         return _fail(result, start, kind, message)
@@ -296,6 +309,14 @@ class _TooManyRedirects(Exception):
 
 class _UnsupportedEncoding(Exception):
     pass
+
+
+class _InvalidRedirect(Exception):
+    """A redirect whose Location cannot be followed; the message quotes at most 200 characters of it."""
+
+    def __init__(self, problem: str, location: str) -> None:
+        quoted = location if len(location) <= 200 else location[:200] + "..."
+        super().__init__(f"invalid redirect: {problem}: Location {quoted!r}")
 
 
 async def _send(
@@ -340,23 +361,32 @@ def _redirect_request(request: httpx.Request, response: httpx.Response) -> httpx
     location = response.headers["location"]
     try:
         url = request.url.join(location)
-    except httpx.InvalidURL as exc:
-        raise httpx.RemoteProtocolError(f"invalid redirect location {location!r}: {exc}") from None
+        host = url.host  # decodes an IDNA host, which may fail
+    except (httpx.InvalidURL, ValueError):  # IDNA errors are ValueErrors
+        raise _InvalidRedirect("not a valid URL", location) from None
     if url.scheme not in ("http", "https"):
-        raise httpx.UnsupportedProtocol(f"redirect to an unsupported scheme: {location!r}")
+        raise _InvalidRedirect(f"unsupported scheme {url.scheme[:20]!r}", location)
+    if url.port is not None and not 0 < url.port < 65536:
+        raise _InvalidRedirect("port out of range", location)
     method = request.method
     if (response.status_code == 303 and method != "HEAD") or (
         response.status_code in (301, 302) and method == "POST"
     ):
         method = "GET"
     headers = httpx.Headers(request.headers)
-    headers.pop("host", None)  # the new request sets it from its URL
+    if (url.scheme, host, url.port) != (request.url.scheme, request.url.host, request.url.port):
+        headers.pop("host", None)  # the new request sets it from its URL
     content = request.content
     if method != request.method:
         content = b""
         for name in ("content-length", "content-type", "transfer-encoding"):
             headers.pop(name, None)
-    return httpx.Request(method, url, headers=headers, content=content or None, extensions=request.extensions)
+    try:
+        return httpx.Request(
+            method, url, headers=headers, content=content or None, extensions=request.extensions
+        )
+    except (httpx.InvalidURL, ValueError):
+        raise _InvalidRedirect("not a valid URL", location) from None
 
 
 def _keeps_credentials(source: httpx.URL, destination: httpx.URL) -> bool:

@@ -82,10 +82,9 @@ async def run_schedule(poller: Poller, resources: LoopResources) -> None:
 class _Scheduler:
     """One task that starts every target's polls from a heap of due slots.
 
-    A task per poll in flight, rather than a sleeping task per target, keeps
-    the live objects few: 10,000 idle targets are 10,000 tuples in a heap
-    rather than 10,000 suspended coroutines, so garbage collections have less
-    to scan and shutdown has fewer tasks to cancel.
+    A task runs per poll in flight, not per target. 10,000 idle targets are
+    then 10,000 tuples in a heap instead of 10,000 suspended coroutines, so
+    garbage collections have less to scan and shutdown has fewer tasks to cancel.
     """
 
     def __init__(self, poller: Poller, resources: LoopResources, targets: Sequence[Target]) -> None:
@@ -102,6 +101,7 @@ class _Scheduler:
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_until = math.inf
         self._crash: BaseException | None = None
+        self._stopping = False
         for index, t0 in enumerate(self._t0):
             self._push(index, 0, t0)
 
@@ -113,11 +113,13 @@ class _Scheduler:
                 now = time.monotonic()
                 while self._due and self._due[0][0] <= now:
                     _, index, slot = heapq.heappop(self._due)
-                    task = asyncio.create_task(self._poll(index, slot))
+                    name = f"bgapi-poll-{self._targets[index].name}"
+                    task = asyncio.create_task(self._poll(index, slot), name=name)
                     self._running.add(task)
                     task.add_done_callback(self._finished)
                 await self._sleep_until(self._due[0][0] if self._due else math.inf)
         finally:
+            self._stopping = True
             for task in self._running:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
@@ -149,7 +151,12 @@ class _Scheduler:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            if not self._stopping:
+                # Its target would never be scheduled again, so report a crash.
+                self._crash = RuntimeError(f"poll task {task.get_name()} was cancelled outside shutdown")
+                self._wake()
+        elif task.exception() is not None:
             self._crash = task.exception()
             self._wake()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
+import urllib.parse
 import tracemalloc
 from typing import Any
 
@@ -312,6 +314,56 @@ def test_redirect_after_post(upstream: Upstream, status: int, method: str, body:
     if not body:
         assert "content-length" not in echoed.headers or echoed.headers["content-length"] == "0"
         assert "content-type" not in echoed.headers
+
+
+def test_redirect_keeps_host_header_on_origin(upstream: Upstream) -> None:
+    # A virtual host behind a redirect on the same origin (a trailing slash
+    # added, say) must still be asked for by its name.
+    result = poll(upstream.url("/redirect/1"), headers={"Host": "api.example.test"})
+
+    assert result.ok, result
+    assert upstream.requests_for("/ok")[0].headers["host"] == "api.example.test"
+
+
+@pytest.mark.parametrize(
+    ("location", "problem"),
+    [
+        ("mailto:SSL-team@example.org", "unsupported scheme 'mailto'"),
+        ("gopher://Name or service not known/", "unsupported scheme 'gopher'"),
+        ("http://127.0.0.1:99999/", "port out of range"),
+        ("http://xn--a.invalid/", "not a valid URL"),
+        ("ftp://x/" + "a" * 5000, "unsupported scheme 'ftp'"),
+    ],
+)
+def test_invalid_redirect_is_protocol_failure(upstream: Upstream, location: str, problem: str) -> None:
+    # The upstream's Location must neither pick the error kind (a message
+    # with "SSL" in it is not a TLS failure) nor make the stored error huge.
+    result = poll(upstream.url("/redirect-raw?" + urllib.parse.urlencode({"location": location})))
+
+    assert result.error_kind is ErrorKind.PROTOCOL, result
+    assert result.error is not None
+    assert problem in result.error
+    assert len(result.error) < 300
+
+
+@pytest.mark.parametrize("http_client", ["httpx", "aiohttp"])
+def test_url_credentials_sent_as_basic_auth(upstream: Upstream, http_client: str) -> None:
+    url = upstream.url("/echo").replace("http://", "http://alice:s3cret-pw@")
+    config = config_from_dict({"poller": {"http_client": http_client}, "targets": [{"name": "t", "url": url}]})
+    target = config.targets[0]
+
+    async def run() -> PollResult:
+        clients = HttpClients(config.poller)
+        try:
+            return await poll_http(clients.for_target(target), target, default_conditions(), max_body_bytes=1 << 20)
+        finally:
+            await clients.aclose()
+
+    result = asyncio.run(run())
+
+    assert result.ok, result
+    expected = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
+    assert upstream.requests_for("/echo")[0].headers["authorization"] == expected
 
 
 def test_polls_keep_no_cookies(upstream: Upstream) -> None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from upstream import Upstream
 
 from bgapi.config import Config, TargetConfig, config_from_dict
+from bgapi.jobs import job
 from bgapi.poll import PollResult
 from bgapi.poller import LoopResources, Poller
 from bgapi.schedule import MAX_SPREAD_S, latest_slot, next_slot, run_schedule, start_offsets
@@ -358,3 +359,28 @@ def test_many_targets_stop_quickly(upstream: Upstream) -> None:
     stop_s = asyncio.run(run())
 
     assert stop_s < 2.0
+
+
+def test_job_raising_cancelled_error_fails_and_goes_on() -> None:
+    # A job that awaits a future someone else cancelled raises CancelledError
+    # without its task being cancelled: a failed run, and the schedule goes on.
+    calls = 0
+
+    @job(interval=0.02, name="flaky", timeout=1)
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+
+    poller = Poller(_config(), store=None, mode="test", jobs=[flaky])
+
+    asyncio.run(_run_until(poller, lambda: calls >= 5, max_s=5.0))
+    status = poller.status("flaky")
+
+    assert calls >= 5
+    assert status is not None
+    assert status.consecutive_failures == 0
+    assert status.runs >= 5

@@ -25,6 +25,8 @@ Routes are chosen by path. The query string only carries parameters, and
 - ``/deflate``: 200 JSON ``{"ok": true}`` with ``Content-Encoding: deflate``.
 - ``/redirect-to?url=U&status=S&cookie=1``: S (default 302; 301, 303, 307 or 308) to U,
   which must be on ``http://127.0.0.1:``; with ``cookie=1`` also sets a cookie.
+- ``/redirect-raw?location=L``: 302 with ``Location: L`` as given, for invalid values
+  that a client must reject without connecting anywhere.
 - ``/not-utf8``: 200 ``text/plain; charset=utf-8`` with the bytes ``b"\\xff\\xfe ok \\xc3\\x28"``.
 - ``/lying-length``: 200 with ``Content-Length: 100`` but 10 body bytes, then close.
 - ``/no-length``: 200 without ``Content-Length``, the body, then close.
@@ -972,6 +974,10 @@ async def _redirect_to(exchange: _Exchange) -> bool:
     return await exchange.respond(status, b"", headers=headers)
 
 
+async def _redirect_raw(exchange: _Exchange) -> bool:
+    return await exchange.respond(302, b"", headers=[("Location", exchange.query.get("location", ""))])
+
+
 async def _not_utf8(exchange: _Exchange) -> bool:
     return await exchange.respond(200, b"\xff\xfe ok \xc3\x28", TEXT)
 
@@ -1041,6 +1047,7 @@ _FIXED_ROUTES: dict[str, Handler] = {
     "/gzip-bomb": _gzip_bomb,
     "/deflate": _gzip_ok,
     "/redirect-to": _redirect_to,
+    "/redirect-raw": _redirect_raw,
     "/lying-length": _lying_length,
     "/no-length": _no_length,
     "/echo": _echo,
