@@ -215,7 +215,9 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
         ranked_ratios = sorted((value, mode) for mode, value in ratios.items() if value is not None)
         if ranked_ratios:
             parts = ", ".join(f"{value:.2f}× with {mode}" for value, mode in ranked_ratios)
-            sentences.append(f"The server's p99 latency was {parts} the no-poller baseline.")
+            sentences.append(
+                f"Relative to the no-poller baseline, the server's p99 latency was {parts}."
+            )
 
     # With API load the child's CPU is mostly spent serving requests, not polling.
     cpu = [] if has_load else sorted(
