@@ -58,8 +58,7 @@ async def _measure(
     print(f"{name:<26} {best:6.3f} CPU ms/poll   {args.polls / elapsed:7,.0f} polls/s (last round)")
 
 
-async def _run(port: int, args: argparse.Namespace) -> None:
-    workdir = tempfile.mkdtemp(prefix="bgapi-layers-")
+async def _run(port: int, args: argparse.Namespace, workdir: str) -> None:
     config = config_from_dict(
         {
             "poller": {"timeout": 5, "http_client": args.http_client},
@@ -147,7 +146,8 @@ def main() -> None:
     try:
         assert upstream.stdout is not None
         port = int(upstream.stdout.readline())
-        asyncio.run(_run(port, args))
+        with tempfile.TemporaryDirectory(prefix="bgapi-layers-") as workdir:
+            asyncio.run(_run(port, args, workdir))
     finally:
         upstream.terminate()
         upstream.wait(5)
