@@ -16,10 +16,10 @@ import socket
 import ssl
 import time
 import zlib
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +361,7 @@ def _redirect_request(request: httpx.Request, response: httpx.Response) -> httpx
     location = response.headers["location"]
     try:
         url = request.url.join(location)
-        host = url.host  # decodes an IDNA host, which may fail
+        same_origin = _same_origin(request.url, url)  # decodes an IDNA host, which may fail
     except (httpx.InvalidURL, ValueError):  # IDNA errors are ValueErrors
         raise _InvalidRedirect("not a valid URL", location) from None
     if url.scheme not in ("http", "https"):
@@ -374,7 +374,7 @@ def _redirect_request(request: httpx.Request, response: httpx.Response) -> httpx
     ):
         method = "GET"
     headers = httpx.Headers(request.headers)
-    if (url.scheme, host, url.port) != (request.url.scheme, request.url.host, request.url.port):
+    if not same_origin:
         headers.pop("host", None)  # the new request sets it from its URL
     content = request.content
     if method != request.method:
@@ -389,9 +389,13 @@ def _redirect_request(request: httpx.Request, response: httpx.Response) -> httpx
         raise _InvalidRedirect("not a valid URL", location) from None
 
 
+def _same_origin(source: httpx.URL, destination: httpx.URL) -> bool:
+    return (source.scheme, source.host, source.port) == (destination.scheme, destination.host, destination.port)
+
+
 def _keeps_credentials(source: httpx.URL, destination: httpx.URL) -> bool:
     """Tell whether a redirect stays on the origin, or only upgrades it to HTTPS."""
-    if (source.scheme, source.host, source.port) == (destination.scheme, destination.host, destination.port):
+    if _same_origin(source, destination):
         return True
     return (
         source.scheme == "http"

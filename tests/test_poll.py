@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import urllib.parse
 import tracemalloc
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -32,10 +32,15 @@ RESULT_KEYS = {
 }
 
 
-def poll(url: str, max_body_bytes: int = 1024 * 1024, **fields: Any) -> PollResult:
+def poll(
+    url: str, max_body_bytes: int = 1024 * 1024, http_client: str = "auto", **fields: Any
+) -> PollResult:
     """Poll one target built from ``fields`` once, with a fresh client."""
     config = config_from_dict(
-        {"poller": {"timeout": 5}, "targets": [{"name": "t", "url": url, **fields}]}
+        {
+            "poller": {"timeout": 5, "http_client": http_client},
+            "targets": [{"name": "t", "url": url, **fields}],
+        }
     )
     target = config.targets[0]
     conditions = parse_conditions(target.conditions) or default_conditions()
@@ -349,17 +354,8 @@ def test_invalid_redirect_is_protocol_failure(upstream: Upstream, location: str,
 @pytest.mark.parametrize("http_client", ["httpx", "aiohttp"])
 def test_url_credentials_sent_as_basic_auth(upstream: Upstream, http_client: str) -> None:
     url = upstream.url("/echo").replace("http://", "http://alice:s3cret-pw@")
-    config = config_from_dict({"poller": {"http_client": http_client}, "targets": [{"name": "t", "url": url}]})
-    target = config.targets[0]
 
-    async def run() -> PollResult:
-        clients = HttpClients(config.poller)
-        try:
-            return await poll_http(clients.for_target(target), target, default_conditions(), max_body_bytes=1 << 20)
-        finally:
-            await clients.aclose()
-
-    result = asyncio.run(run())
+    result = poll(url, http_client=http_client)
 
     assert result.ok, result
     expected = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()

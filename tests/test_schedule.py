@@ -361,7 +361,7 @@ def test_many_targets_stop_quickly(upstream: Upstream) -> None:
     assert stop_s < 2.0
 
 
-def test_job_raising_cancelled_error_fails_and_goes_on() -> None:
+def test_self_cancelling_job_keeps_schedule() -> None:
     # A job that awaits a future someone else cancelled raises CancelledError
     # without its task being cancelled: a failed run, and the schedule goes on.
     calls = 0
