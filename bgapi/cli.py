@@ -227,8 +227,13 @@ def compare(
     duration: Annotated[float, typer.Option(min=0.5, help="Measured time of each run, in seconds.")] = 10.0,
     load: Annotated[int, typer.Option(min=0, help="Concurrent API clients during each run (0: none).")] = 0,
     rate: Annotated[
-        float, typer.Option(min=0, help="Total API requests per second of the clients (0: as fast as they can).")
-    ] = 0.0,
+        str,
+        typer.Option(
+            metavar="<req/s|N%>",
+            help="Total API requests per second of the clients (0: as fast as they can), or a share of "
+            "the server's capacity such as 50%, measured first by a run without a poller.",
+        ),
+    ] = "0",
     warmup: Annotated[
         Optional[float],  # noqa: UP007
         typer.Option(min=0, help="Seconds from server start to the measured window (default: interval + 0.5, at most 10.5)."),

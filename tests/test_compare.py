@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
+from bgapi.compare import parse_rate
 from bgapi.compare.load import run_load
-from bgapi.compare.report import METRICS, RATIOS, write_plot
+from bgapi.compare.report import EXTRA_CPU, METRICS, RATIOS, markdown_table, summarize, write_plot
 from bgapi.compare.stats import histogram, percentiles, spread
 from bgapi.compare.upstream import BODY, serve
 
@@ -97,7 +98,9 @@ def test_smoke_summary_has_every_metric(smoke: tuple[dict, str]) -> None:
             assert set(entry[key]) == {"median", "min", "max"}, (mode, key)
         for key, _, _ in RATIOS:
             assert key in entry, (mode, key)
+        assert EXTRA_CPU[0] in entry, mode
     assert summary["baseline"]["server_p99_ratio"]["median"] == pytest.approx(1.0)
+    assert summary["baseline"][EXTRA_CPU[0]]["median"] is None
     assert summary["thread"]["server_p99_ratio"]["median"] > 0
 
 
@@ -129,6 +132,44 @@ def test_compare_rejects_rate_without_load(tmp_path: Path) -> None:
     result = run_cli("compare", "--rate", "100", cwd=tmp_path)
     assert result.returncode == 2
     assert "--rate needs --load" in result.stderr
+
+
+@pytest.mark.parametrize("rate", ["150%", "0%", "-5", "fast", "nan", "inf"])
+def test_compare_rejects_invalid_rate(rate: str, tmp_path: Path) -> None:
+    result = run_cli("compare", "--load", "5", "--rate", rate, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"--rate '{rate}'" in result.stderr
+
+
+def test_parse_rate_reads_number_or_share() -> None:
+    assert parse_rate("1000") == (1000.0, None)
+    assert parse_rate("0") == (0.0, None)
+    assert parse_rate(" 50% ") == (0.0, 0.5)
+    assert parse_rate("100%") == (0.0, 1.0)
+
+
+def test_rate_share_probes_capacity_first(tmp_path: Path) -> None:
+    out = tmp_path / "share.json"
+    result = run_cli(
+        "compare",
+        "--modes", "thread",
+        "--targets", "3",
+        "--duration", "0.6",
+        "--warmup", "0.3",
+        "--load", "3",
+        "--rate", "40%",
+        "--repeat", "1",
+        "--json", str(out),
+        cwd=tmp_path,
+        timeout_s=SMOKE_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "capacity without a poller" in result.stderr
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["rate_share"] == 0.4
+    assert settings["capacity_requests_per_s"] > 0
+    assert settings["rate"] == round(0.4 * settings["capacity_requests_per_s"])
+    assert "40% of capacity" in json.loads(out.read_text())["verdict"]
 
 
 def test_plot_without_matplotlib_names_extra(tmp_path: Path) -> None:
@@ -248,3 +289,24 @@ def test_histogram_counts_every_value() -> None:
     edges = result["edges_ms"]
     assert result["counts"][0] == 2
     assert result["counts"][edges.index(1.0)] == 2
+
+
+def test_extra_cpu_subtracts_same_repetition_baseline() -> None:
+    def run(mode: str, repetition: int, cpu_s: float, runs_done: int) -> dict:
+        return {"mode": mode, "repetition": repetition, "ok": True, "cpu_s": cpu_s, "runs_done": runs_done}
+
+    runs = [
+        run("baseline", 0, 5.0, 0),
+        run("thread", 0, 6.0, 500),
+        run("baseline", 1, 9.0, 0),
+        run("thread", 1, 10.5, 500),
+    ]
+    summary = summarize(runs, ["baseline", "thread"])
+    assert summary["thread"][EXTRA_CPU[0]] == {"median": 2.5, "min": 2.0, "max": 3.0}
+    assert summary["baseline"][EXTRA_CPU[0]]["median"] is None
+
+
+def test_table_renders_a_summary_without_newer_figures() -> None:
+    summary = summarize([{"mode": "thread", "repetition": 0, "ok": True, "runs_done": 10}], ["thread"])
+    del summary["thread"][EXTRA_CPU[0]]
+    assert "runs done" in markdown_table(summary, ["thread"], has_load=False)

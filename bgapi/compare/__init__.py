@@ -13,6 +13,8 @@ This package is imported only by the ``compare`` command.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import tempfile
 import time
@@ -33,6 +35,33 @@ def _known_modes() -> tuple[str, ...]:
     from bgapi.compare.peers import PEER_MODES
 
     return BGAPI_MODES + PEER_MODES
+
+
+def parse_rate(text: str) -> tuple[float, float | None]:
+    """Parse ``--rate``: requests per second (``1000``) or a share of capacity (``50%``).
+
+    Returns:
+        (requests per second, None) or (0.0, the share as a fraction of 1).
+
+    Raises:
+        ValueError: the text is neither; the message shows a valid value.
+    """
+    text = text.strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = math.nan
+        if not 0 < percent <= 100:
+            raise ValueError(f"--rate {text!r} is invalid: a share must be above 0% and at most 100%, e.g. --rate 50%")
+        return 0.0, percent / 100
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not rate >= 0 or math.isinf(rate):
+        raise ValueError(f"--rate {text!r} is invalid: give requests per second, e.g. 1000, or a share of capacity, e.g. 50%")
+    return rate, None
 
 
 def _check_requirements(modes: list[str], plot_path: Path | None) -> str | None:
@@ -73,7 +102,7 @@ def run_compare(
     repeat: int,
     json_path: Path | None,
     plot_path: Path | None,
-    rate: float = 0.0,
+    rate: float | str = 0.0,
     warmup: float | None = None,
     http_client: str = "auto",
     baseline: bool = True,
@@ -90,15 +119,24 @@ def run_compare(
 
     console = Console(stderr=True, highlight=False)
     error = _check_requirements(modes, plot_path)
+    rate_per_s: float = 0.0
+    rate_share: float | None = None
+    if isinstance(rate, str):
+        try:
+            rate_per_s, rate_share = parse_rate(rate)
+        except ValueError as exc:
+            error = error or str(exc)
+    else:
+        rate_per_s = rate
     if error is None and not modes:
         error = "--modes is empty; give at least one mode, e.g. --modes thread,asyncio"
-    if error is None and rate and not load:
+    if error is None and (rate_per_s or rate_share) and not load:
         error = "--rate needs --load: give the number of concurrent clients that share the rate"
     if error is not None:
         console.print(f"[bold red]error:[/] {escape(error)}")
         return 2
 
-    from bgapi.compare.harness import RunSettings
+    from bgapi.compare.harness import CompareError, RunSettings
 
     warmup_s = warmup if warmup is not None else min(interval, MAX_WARMUP_SPREAD_S) + 0.5
     settings = RunSettings(
@@ -107,13 +145,16 @@ def run_compare(
         duration_s=duration,
         warmup_s=warmup_s,
         load=load,
-        rate=rate,
+        rate=rate_per_s,
         blocking_ms=blocking_ms,
         timeout_s=min(max(interval, 1.0), MAX_POLL_TIMEOUT_S),
         http_client=http_client,
     )
     try:
-        return _run(console, modes, settings, repeat, json_path, plot_path, baseline)
+        return _run(console, modes, settings, repeat, json_path, plot_path, baseline, rate_share)
+    except CompareError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        return 1
     except KeyboardInterrupt:
         console.print("interrupted; every process it started has been stopped")
         return 130
@@ -127,6 +168,7 @@ def _run(
     json_path: Path | None,
     plot_path: Path | None,
     baseline: bool,
+    rate_share: float | None = None,
 ) -> int:
     from rich.console import Console
 
@@ -139,17 +181,29 @@ def _run(
     runs: list[dict[str, Any]] = []
     group = harness.ProcessGroup()
     per_run_s = settings.warmup_s + settings.duration_s + 3
-    upstream_life_s = (per_run_s + harness.STARTUP_TIMEOUT_S) * len(all_modes) * repeat + 60
+    run_count = len(all_modes) * repeat + (1 if rate_share else 0)
+    upstream_life_s = (per_run_s + harness.STARTUP_TIMEOUT_S) * run_count + 60
+    capacity = None
     try:
         upstream_port = harness.start_upstream(group, upstream_life_s)
         with tempfile.TemporaryDirectory(prefix="bgapi-compare-") as tmp:
+            if rate_share:
+                capacity = _measure_capacity(console, settings, upstream_port, Path(tmp))
+                settings = dataclasses.replace(settings, rate=round(rate_share * capacity))
             runs = _run_all(console, all_modes, settings, repeat, upstream_port, Path(tmp))
     finally:
         group.close()
 
     summary = report.summarize(runs, all_modes)
-    settings_dict = {**settings.__dict__, "modes": modes, "repeat": repeat, "baseline": baseline}
-    title = _title(settings, repeat)
+    settings_dict = {
+        **settings.__dict__,
+        "modes": modes,
+        "repeat": repeat,
+        "baseline": baseline,
+        "rate_share": rate_share,
+        "capacity_requests_per_s": capacity,
+    }
+    title = _title(settings, repeat, rate_share)
     out = Console()
     if not out.is_terminal:
         # A pipe or file gets 80 columns by default, too narrow for the modes side by side.
@@ -177,6 +231,33 @@ def _run(
     if failed:
         console.print(f"[bold red]{len(failed)} run(s) failed[/]; see the errors above")
     return 1 if failed else 0
+
+
+def _measure_capacity(console: Any, settings: Any, upstream_port: int, workdir: Path) -> float:
+    """Return the requests/s the server without a poller serves to ``settings.load`` clients at full speed.
+
+    Raises:
+        CompareError: the probe could not be measured, or served nothing.
+    """
+    from bgapi.compare import harness
+    from bgapi.compare.child import BASELINE
+
+    probe = dataclasses.replace(settings, rate=0.0)
+    run_dir = workdir / "capacity"
+    run_dir.mkdir()
+    group = harness.ProcessGroup()
+    with console.status(f"measuring the server's capacity with {settings.load} clients, no poller"):
+        try:
+            figures = harness.measure_run(BASELINE, probe, upstream_port, run_dir, group, lambda *_: None)
+        finally:
+            group.close()
+    capacity = (figures.get("server") or {}).get("requests_per_s") or 0.0
+    if capacity <= 0:
+        raise harness.CompareError(
+            f"the server without a poller served no request to {settings.load} clients in the capacity probe"
+        )
+    console.print(f"capacity without a poller: {capacity:,.0f} requests/s", markup=False)
+    return float(capacity)
 
 
 def _run_all(
@@ -225,10 +306,13 @@ def _run_all(
     return runs
 
 
-def _title(settings: Any, repeat: int) -> str:
+def _title(settings: Any, repeat: int, rate_share: float | None = None) -> str:
     parts = [f"{settings.targets} targets every {settings.interval_s:g} s", f"{settings.duration_s:g} s window"]
     if settings.load:
-        parts.append(f"load {settings.load} clients" + (f" at {settings.rate:g} req/s" if settings.rate else ""))
+        rate = f" at {settings.rate:g} req/s" if settings.rate else ""
+        if rate_share:
+            rate += f" ({rate_share:.0%} of capacity)"
+        parts.append(f"load {settings.load} clients{rate}")
     else:
         parts.append("no API load")
     if settings.blocking_ms:
