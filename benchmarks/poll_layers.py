@@ -1,6 +1,6 @@
 """Measure the CPU cost of each layer of one poll against the built-in upstream.
 
-    python benchmarks/poll_layers.py [--polls 5000] [--concurrency 10] [--http-client auto]
+    python benchmarks/poll_layers.py [--polls 5000] [--concurrency 10] [--gap-ms 0] [--http-client auto]
 
 Each layer adds to the one before: a bare ``aiohttp`` request, the same
 request as an ``httpx.Request`` built once and sent to the client's
@@ -11,6 +11,11 @@ the cost of a layer. For comparison, one row sends the same request the
 usual way, with ``AsyncClient.stream``, which builds the request each time. Each row is the lowest
 of ``--rounds`` rounds of CPU milliseconds per poll of this process (the
 store's writer thread included), so the noise of a busy machine only adds.
+
+``--gap-ms`` pauses each concurrent slot that long between its polls. Polls
+back to back find the CPU's caches warm. A server that polls 50 targets a
+second spreads them, so each poll runs alone after an idle pause, and
+``--concurrency 1 --gap-ms 20`` measures that case.
 """
 
 from __future__ import annotations
@@ -43,9 +48,13 @@ async def _measure(
 ) -> None:
     gate = asyncio.Semaphore(args.concurrency)
 
+    gap_s = args.gap_ms / 1000
+
     async def one(index: int) -> None:
         async with gate:
             await poll(index)
+            if gap_s:
+                await asyncio.sleep(gap_s)
 
     await asyncio.gather(*(one(index) for index in range(200)))  # warm-up
     best = float("inf")
@@ -138,6 +147,7 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="milliseconds each slot pauses between its polls")
     parser.add_argument("--http-client", default="auto", choices=("auto", "httpx", "aiohttp"))
     args = parser.parse_args()
     upstream = subprocess.Popen(
