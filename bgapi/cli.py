@@ -230,8 +230,9 @@ def compare(
         str,
         typer.Option(
             metavar="<req/s|N%>",
-            help="Total API requests per second of the clients (0: as fast as they can), or a share of "
-            "the server's capacity such as 50%, measured first by a run without a poller.",
+            help="Total API requests per second of the --load clients: 0 for as fast as they can, "
+            "or at least 1. Or a share of the server's capacity, above 0% and at most 100%, e.g. 50%: "
+            "one extra run without a poller measures the capacity first.",
         ),
     ] = "0",
     warmup: Annotated[

@@ -14,7 +14,16 @@ from helpers import run_cli
 
 from bgapi.compare import parse_rate
 from bgapi.compare.load import run_load
-from bgapi.compare.report import EXTRA_CPU, METRICS, RATIOS, markdown_table, summarize, write_plot
+from bgapi.compare.report import (
+    EXTRA_CPU,
+    METRICS,
+    RATIOS,
+    markdown_table,
+    share_text,
+    summarize,
+    verdict,
+    write_plot,
+)
 from bgapi.compare.stats import histogram, percentiles, spread
 from bgapi.compare.upstream import BODY, serve
 
@@ -141,11 +150,52 @@ def test_compare_rejects_invalid_rate(rate: str, tmp_path: Path) -> None:
     assert f"--rate '{rate}'" in result.stderr
 
 
+@pytest.mark.parametrize("rate", ["0.5", "1e-400", "%", "50%%", "nan%"])
+def test_compare_rejects_rate_below_minimum_or_text(rate: str, tmp_path: Path) -> None:
+    result = run_cli("compare", "--load", "5", "--rate", rate, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"--rate '{rate}' is invalid" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_compare_checks_output_path_first(option: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "out.file"
+    result = run_cli("compare", option, str(missing), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    result = run_cli("compare", option, str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is a directory" in result.stderr
+
+
 def test_parse_rate_reads_number_or_share() -> None:
     assert parse_rate("1000") == (1000.0, None)
     assert parse_rate("0") == (0.0, None)
     assert parse_rate(" 50% ") == (0.0, 0.5)
     assert parse_rate("100%") == (0.0, 1.0)
+    assert parse_rate("0.01%") == (0.0, 0.0001)
+    assert parse_rate("1_000") == (1000.0, None)
+
+
+def test_share_text_keeps_small_shares() -> None:
+    assert share_text(0.5) == "50%"
+    assert share_text(0.0001) == "0.01%"
+    assert share_text(0.004) == "0.4%"
+
+
+def test_verdict_warns_when_rate_not_kept() -> None:
+    def run(mode: str, late: int) -> dict:
+        server = {"latency_ms": {"p99": 5.0}, "completed": 100, "late_sends": late, "requests_per_s": 90}
+        return {"mode": mode, "repetition": 0, "ok": True, "runs_done": 10, "lateness_ms": {"p99": 1.0}, "server": server}
+
+    summary = summarize([run("baseline", 60), run("thread", 2)], ["baseline", "thread"])
+    settings = {"load": 5, "rate": 5000, "targets": 1, "interval_s": 1.0}
+    text = verdict(summary, ["baseline", "thread"], settings)
+    assert "did not keep up with 5000 requests/s in baseline" in text
+    assert "60%" in text
+    settings["rate"] = 0
+    assert "did not keep up" not in verdict(summary, ["baseline", "thread"], settings)
 
 
 def test_rate_share_probes_capacity_first(tmp_path: Path) -> None:
@@ -168,7 +218,7 @@ def test_rate_share_probes_capacity_first(tmp_path: Path) -> None:
     settings = json.loads(out.read_text())["settings"]
     assert settings["rate_share"] == 0.4
     assert settings["capacity_requests_per_s"] > 0
-    assert settings["rate"] == round(0.4 * settings["capacity_requests_per_s"])
+    assert settings["rate"] == max(1, round(0.4 * settings["capacity_requests_per_s"]))
     assert "40% of capacity" in json.loads(out.read_text())["verdict"]
 
 
@@ -259,6 +309,14 @@ def test_load_generator_paces_requests(upstream_port: int) -> None:
     # 100 requests/s for 0.5 s: 50 slots; a slow machine may lose the last few.
     assert 30 <= data["completed"] <= 51
     assert min(data["latencies_ms"]) > 0
+
+
+def test_paced_load_counts_requests_over_window(upstream_port: int) -> None:
+    # 2 requests/s for 1 s: both go out in the first half, yet the window is 1 s.
+    result = asyncio.run(run_load("127.0.0.1", upstream_port, ["/a"], concurrency=1, duration_s=1.0, rate=2))
+    data = result.to_dict()
+    assert data["completed"] == 2
+    assert data["requests_per_s"] == pytest.approx(2.0)
 
 
 def test_load_generator_counts_refused_connections() -> None:

@@ -14,7 +14,9 @@ This package is imported only by the ``compare`` command.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +29,8 @@ BGAPI_MODES = ("thread", "asyncio", "apscheduler")
 # First polls are spread over at most this many seconds (see bgapi.schedule),
 # so the window starts once every target has run at least once.
 MAX_WARMUP_SPREAD_S = 10.0
+# The lowest --rate other than 0: every run sends at least one request a second.
+MIN_RATE = 1.0
 # A poll of the built-in upstream that takes this long has failed anyway.
 MAX_POLL_TIMEOUT_S = 10.0
 
@@ -44,24 +48,53 @@ def parse_rate(text: str) -> tuple[float, float | None]:
         (requests per second, None) or (0.0, the share as a fraction of 1).
 
     Raises:
-        ValueError: the text is neither; the message shows a valid value.
+        ValueError: the text is neither, or out of range; the message shows a valid value.
     """
-    text = text.strip()
-    if text.endswith("%"):
-        try:
-            percent = float(text[:-1])
-        except ValueError:
-            percent = math.nan
-        if not 0 < percent <= 100:
-            raise ValueError(f"--rate {text!r} is invalid: a share must be above 0% and at most 100%, e.g. --rate 50%")
-        return 0.0, percent / 100
+    value = text.strip()
+    is_share = value.endswith("%")
     try:
-        rate = float(text)
+        number = float(value.removesuffix("%"))
     except ValueError:
-        rate = math.nan
-    if not rate >= 0 or math.isinf(rate):
-        raise ValueError(f"--rate {text!r} is invalid: give requests per second, e.g. 1000, or a share of capacity, e.g. 50%")
-    return rate, None
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(
+            f"--rate {text!r} is invalid: give requests per second, e.g. 1000, "
+            "or a share of capacity, e.g. 50%"
+        )
+    if is_share:
+        if not 0 < number <= 100:
+            raise ValueError(f"--rate {text!r} is invalid: a share must be above 0% and at most 100%, e.g. 50%")
+        return 0.0, number / 100
+    # A positive rate below the minimum, even one that float() rounds to 0.0
+    # (1e-400), must not turn into "as fast as they can".
+    if (number != 0 and number < MIN_RATE) or (number == 0 and _nonzero_decimal(value)):
+        raise ValueError(
+            f"--rate {text!r} is invalid: give 0 (as fast as the clients can) "
+            f"or at least {MIN_RATE:g} request/s"
+        )
+    return abs(number), None
+
+
+def _nonzero_decimal(text: str) -> bool:
+    try:
+        return decimal.Decimal(text) != 0
+    except decimal.InvalidOperation:
+        return False
+
+
+def _check_output_paths(json_path: Path | None, plot_path: Path | None) -> str | None:
+    """Return an error message when ``--json`` or ``--plot`` names a path that cannot be written."""
+    for option, path, example in (("--json", json_path, "compare.json"), ("--plot", plot_path, "compare.png")):
+        if path is None:
+            continue
+        if path.is_dir():
+            return f"{option} {str(path)!r} is a directory; give a file path, e.g. {path / example}"
+        parent = path.parent
+        if not parent.is_dir():
+            return f"{option}: the directory {str(parent)!r} does not exist; create it or give another path"
+        if not os.access(parent, os.W_OK):
+            return f"{option}: the directory {str(parent)!r} is not writable; give another path"
+    return None
 
 
 def _check_requirements(modes: list[str], plot_path: Path | None) -> str | None:
@@ -117,8 +150,9 @@ def run_compare(
     from rich.console import Console
     from rich.markup import escape
 
-    console = Console(stderr=True, highlight=False)
-    error = _check_requirements(modes, plot_path)
+    # soft_wrap: an error is one line in a log or a pipe, not cut at 80 columns.
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    error = _check_requirements(modes, plot_path) or _check_output_paths(json_path, plot_path)
     rate_per_s: float = 0.0
     rate_share: float | None = None
     if isinstance(rate, str):
@@ -189,7 +223,8 @@ def _run(
         with tempfile.TemporaryDirectory(prefix="bgapi-compare-") as tmp:
             if rate_share:
                 capacity = _measure_capacity(console, settings, upstream_port, Path(tmp))
-                settings = dataclasses.replace(settings, rate=round(rate_share * capacity))
+                # A rate of 0 would mean as fast as they can, so never below MIN_RATE.
+                settings = dataclasses.replace(settings, rate=max(MIN_RATE, round(rate_share * capacity)))
             runs = _run_all(console, all_modes, settings, repeat, upstream_port, Path(tmp))
     finally:
         group.close()
@@ -307,12 +342,16 @@ def _run_all(
 
 
 def _title(settings: Any, repeat: int, rate_share: float | None = None) -> str:
-    parts = [f"{settings.targets} targets every {settings.interval_s:g} s", f"{settings.duration_s:g} s window"]
+    from bgapi.compare.report import share_text
+
+    targets = "1 target" if settings.targets == 1 else f"{settings.targets} targets"
+    parts = [f"{targets} every {settings.interval_s:g} s", f"{settings.duration_s:g} s window"]
     if settings.load:
         rate = f" at {settings.rate:g} req/s" if settings.rate else ""
         if rate_share:
-            rate += f" ({rate_share:.0%} of capacity)"
-        parts.append(f"load {settings.load} clients{rate}")
+            rate += f" ({share_text(rate_share)} of capacity)"
+        clients = "1 client" if settings.load == 1 else f"{settings.load} clients"
+        parts.append(f"load {clients}{rate}")
     else:
         parts.append("no API load")
     if settings.blocking_ms:

@@ -236,7 +236,12 @@ async def run_load(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    result.ended_at = min(time.time(), result.started_at + duration_s)
+    if rate > 0:
+        # A paced schedule covers the whole window even when its last request
+        # went out early, so requests/s is what the window saw.
+        result.ended_at = result.started_at + duration_s
+    else:
+        result.ended_at = min(time.time(), result.started_at + duration_s)
     return result
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from bgapi.compare.child import BASELINE
 from bgapi.compare.stats import Spread, describe, spread
 
-__all__ = ["METRICS", "print_table", "summarize", "verdict", "write_json", "write_plot"]
+__all__ = ["METRICS", "print_table", "share_text", "summarize", "verdict", "write_json", "write_plot"]
 
 JSON_FORMAT_VERSION = 1
 
@@ -70,6 +70,12 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
 # 1000 polls: what the polls cost, the server's own requests taken out.
 EXTRA_CPU = ("extra_cpu_s_per_1000_polls", "CPU s per 1000 polls above baseline")
 
+# Share of the paced requests that the load generator sent over 1 ms late: a
+# server that cannot keep up with --rate turns the run into saturation.
+LATE_SHARE = "late_send_share"
+# Above this late share the verdict reports that the rate was not kept.
+MAX_LATE_SHARE = 0.1
+
 _LABELS = (
     {key: label for key, label, _ in METRICS}
     | {key: label for key, label, _ in RATIOS}
@@ -101,6 +107,7 @@ def summarize(runs: Sequence[Figures], modes: Sequence[str]) -> dict[str, dict[s
                     ratios.append(value / reference)
             entry[ratio_key] = spread(ratios)
         entry[EXTRA_CPU[0]] = spread(_extra_cpu(run, baseline_by_rep.get(run["repetition"])) for run in mode_runs)
+        entry[LATE_SHARE] = spread(_late_share(run) for run in mode_runs)
         entry["exit_codes"] = [run.get("exit_code") for run in mode_runs]
         entry["runs_measured"] = len(mode_runs)
         entry["runs_failed"] = sum(1 for run in runs if run["mode"] == mode and not run.get("ok"))
@@ -114,6 +121,13 @@ def _extra_cpu(run: Figures, base: Figures | None) -> float | None:
     if run.get("cpu_s") is None or base.get("cpu_s") is None:
         return None
     return (run["cpu_s"] - base["cpu_s"]) / run["runs_done"] * 1000
+
+
+def _late_share(run: Figures) -> float | None:
+    server = run.get("server")
+    if not server or not server.get("completed"):
+        return None
+    return float(server.get("late_sends", 0)) / server["completed"]
 
 
 def _rows(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> list[tuple[str, list[str]]]:
@@ -175,9 +189,9 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
     sentences: list[str] = []
     has_load = bool(settings.get("load"))
     condition = (
-        f"with {settings['load']} concurrent API clients"
-        + (f" at {settings['rate']:g} requests/s" if settings.get("rate") else "")
-        + (f" ({settings['rate_share']:.0%} of capacity)" if settings.get("rate_share") else "")
+        f"with {_count(settings['load'], 'concurrent API client')}"
+        + (f" at {_count_g(settings['rate'], 'request')}/s" if settings.get("rate") else "")
+        + (f" ({share_text(settings['rate_share'])} of capacity)" if settings.get("rate_share") else "")
         if has_load
         else "with an idle API"
     )
@@ -239,6 +253,21 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
                 f"Relative to the no-poller baseline, the server's p99 latency was {parts}."
             )
 
+    if has_load and settings.get("rate"):
+        late = {
+            mode: share
+            for mode in modes
+            if mode in summary and (share := _median(summary, mode, LATE_SHARE)) is not None
+        }
+        behind = sorted(mode for mode, share in late.items() if share > MAX_LATE_SHARE)
+        if behind:
+            highest = max(late[mode] for mode in behind)
+            sentences.append(
+                f"The server did not keep up with {_count_g(settings['rate'], 'request')}/s in "
+                f"{', '.join(behind)} (up to {highest:.0%} of the requests went out late), so those "
+                "runs measured saturation, not a paced load; lower --rate or use a share such as 50%."
+            )
+
     # With API load the child's CPU is mostly spent serving requests: what the
     # polls cost is then the CPU above the baseline's.
     cpu_key, cpu_qualifier = (EXTRA_CPU[0], " above the baseline") if has_load else ("cpu_s_per_1000_polls", "")
@@ -258,6 +287,15 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _count_g(number: float, noun: str) -> str:
+    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
+
+
+def share_text(share: float) -> str:
+    """Format a share of 1 as the percentage a user would type: 0.5 is ``50%``, 0.0001 ``0.01%``."""
+    return f"{share * 100:.4g}%"
 
 
 def _join(items: Sequence[str]) -> str:
