@@ -107,9 +107,9 @@ def test_smoke_summary_has_every_metric(smoke: tuple[dict, str]) -> None:
             assert set(entry[key]) == {"median", "min", "max"}, (mode, key)
         for key, _, _ in RATIOS:
             assert key in entry, (mode, key)
-        assert EXTRA_CPU[0] in entry, mode
+        assert EXTRA_CPU in entry, mode
     assert summary["baseline"]["server_p99_ratio"]["median"] == pytest.approx(1.0)
-    assert summary["baseline"][EXTRA_CPU[0]]["median"] is None
+    assert summary["baseline"][EXTRA_CPU]["median"] is None
     assert summary["thread"]["server_p99_ratio"]["median"] > 0
 
 
@@ -151,7 +151,7 @@ def test_compare_rejects_invalid_rate(rate: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("rate", ["0.5", "1e-400", "%", "50%%", "nan%"])
-def test_compare_rejects_rate_below_minimum_or_text(rate: str, tmp_path: Path) -> None:
+def test_compare_rejects_tiny_or_text_rate(rate: str, tmp_path: Path) -> None:
     result = run_cli("compare", "--load", "5", "--rate", rate, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
@@ -360,11 +360,11 @@ def test_extra_cpu_subtracts_same_repetition_baseline() -> None:
         run("thread", 1, 10.5, 500),
     ]
     summary = summarize(runs, ["baseline", "thread"])
-    assert summary["thread"][EXTRA_CPU[0]] == {"median": 2.5, "min": 2.0, "max": 3.0}
-    assert summary["baseline"][EXTRA_CPU[0]]["median"] is None
+    assert summary["thread"][EXTRA_CPU] == {"median": 2.5, "min": 2.0, "max": 3.0}
+    assert summary["baseline"][EXTRA_CPU]["median"] is None
 
 
 def test_table_renders_a_summary_without_newer_figures() -> None:
     summary = summarize([{"mode": "thread", "repetition": 0, "ok": True, "runs_done": 10}], ["thread"])
-    del summary["thread"][EXTRA_CPU[0]]
+    del summary["thread"][EXTRA_CPU]
     assert "runs done" in markdown_table(summary, ["thread"], has_load=False)

@@ -342,16 +342,17 @@ def _run_all(
 
 
 def _title(settings: Any, repeat: int, rate_share: float | None = None) -> str:
-    from bgapi.compare.report import share_text
+    from bgapi.compare.report import count_text, share_text
 
-    targets = "1 target" if settings.targets == 1 else f"{settings.targets} targets"
-    parts = [f"{targets} every {settings.interval_s:g} s", f"{settings.duration_s:g} s window"]
+    parts = [
+        f"{count_text(settings.targets, 'target')} every {settings.interval_s:g} s",
+        f"{settings.duration_s:g} s window",
+    ]
     if settings.load:
         rate = f" at {settings.rate:g} req/s" if settings.rate else ""
         if rate_share:
             rate += f" ({share_text(rate_share)} of capacity)"
-        clients = "1 client" if settings.load == 1 else f"{settings.load} clients"
-        parts.append(f"load {clients}{rate}")
+        parts.append(f"load {count_text(settings.load, 'client')}{rate}")
     else:
         parts.append("no API load")
     if settings.blocking_ms:

@@ -11,7 +11,7 @@ from typing import Any
 from bgapi.compare.child import BASELINE
 from bgapi.compare.stats import Spread, describe, spread
 
-__all__ = ["METRICS", "print_table", "share_text", "summarize", "verdict", "write_json", "write_plot"]
+__all__ = ["METRICS", "count_text", "print_table", "share_text", "summarize", "verdict", "write_json", "write_plot"]
 
 JSON_FORMAT_VERSION = 1
 
@@ -68,7 +68,7 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
 
 # The CPU a mode used beyond the baseline run of the same repetition, per
 # 1000 polls: what the polls cost, the server's own requests taken out.
-EXTRA_CPU = ("extra_cpu_s_per_1000_polls", "CPU s per 1000 polls above baseline")
+EXTRA_CPU = "extra_cpu_s_per_1000_polls"
 
 # Share of the paced requests that the load generator sent over 1 ms late: a
 # server that cannot keep up with --rate turns the run into saturation.
@@ -79,7 +79,7 @@ MAX_LATE_SHARE = 0.1
 _LABELS = (
     {key: label for key, label, _ in METRICS}
     | {key: label for key, label, _ in RATIOS}
-    | {EXTRA_CPU[0]: EXTRA_CPU[1]}
+    | {EXTRA_CPU: "CPU s per 1000 polls above baseline"}
 )
 
 
@@ -106,7 +106,7 @@ def summarize(runs: Sequence[Figures], modes: Sequence[str]) -> dict[str, dict[s
                 if value is not None and reference:
                     ratios.append(value / reference)
             entry[ratio_key] = spread(ratios)
-        entry[EXTRA_CPU[0]] = spread(_extra_cpu(run, baseline_by_rep.get(run["repetition"])) for run in mode_runs)
+        entry[EXTRA_CPU] = spread(_extra_cpu(run, baseline_by_rep.get(run["repetition"])) for run in mode_runs)
         entry[LATE_SHARE] = spread(_late_share(run) for run in mode_runs)
         entry["exit_codes"] = [run.get("exit_code") for run in mode_runs]
         entry["runs_measured"] = len(mode_runs)
@@ -116,7 +116,7 @@ def summarize(runs: Sequence[Figures], modes: Sequence[str]) -> dict[str, dict[s
 
 
 def _extra_cpu(run: Figures, base: Figures | None) -> float | None:
-    if base is None or run is base or not run.get("runs_done"):
+    if base is None or not run.get("runs_done"):
         return None
     if run.get("cpu_s") is None or base.get("cpu_s") is None:
         return None
@@ -137,7 +137,7 @@ def _rows(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bo
         keys[position:position] = [key for key, _, _ in RATIOS]
     else:
         keys = [key for key in keys if not key.startswith(("server_", "requests_per_s"))]
-    keys.insert(keys.index("cpu_s") + 1, EXTRA_CPU[0])
+    keys.insert(keys.index("cpu_s") + 1, EXTRA_CPU)
     rows = []
     for key in keys:
         # .get: a JSON file written by an older bgapi may lack a newer figure.
@@ -189,8 +189,8 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
     sentences: list[str] = []
     has_load = bool(settings.get("load"))
     condition = (
-        f"with {_count(settings['load'], 'concurrent API client')}"
-        + (f" at {_count_g(settings['rate'], 'request')}/s" if settings.get("rate") else "")
+        f"with {count_text(settings['load'], 'concurrent API client')}"
+        + (f" at {count_text(settings['rate'], 'request')}/s" if settings.get("rate") else "")
         + (f" ({share_text(settings['rate_share'])} of capacity)" if settings.get("rate_share") else "")
         if has_load
         else "with an idle API"
@@ -202,7 +202,7 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
         best_value, best = ranked[0]
         worst_value, worst = ranked[-1]
         text = (
-            f"{condition[0].upper()}{condition[1:]}, {_count(settings['targets'], 'target')} every "
+            f"{condition[0].upper()}{condition[1:]}, {count_text(settings['targets'], 'target')} every "
             f"{settings['interval_s']:g} s{_blocking_phrase(settings)}: {best} started its runs "
             f"closest to their slots (p99 lateness {_fmt_ms(best_value)})"
         )
@@ -254,23 +254,19 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
             )
 
     if has_load and settings.get("rate"):
-        late = {
-            mode: share
-            for mode in modes
-            if mode in summary and (share := _median(summary, mode, LATE_SHARE)) is not None
-        }
+        late = {mode: share for mode in modes if (share := _median(summary, mode, LATE_SHARE)) is not None}
         behind = sorted(mode for mode, share in late.items() if share > MAX_LATE_SHARE)
         if behind:
             highest = max(late[mode] for mode in behind)
             sentences.append(
-                f"The server did not keep up with {_count_g(settings['rate'], 'request')}/s in "
+                f"The server did not keep up with {count_text(settings['rate'], 'request')}/s in "
                 f"{', '.join(behind)} (up to {highest:.0%} of the requests went out late), so those "
                 "runs measured saturation, not a paced load; lower --rate or use a share such as 50%."
             )
 
     # With API load the child's CPU is mostly spent serving requests: what the
     # polls cost is then the CPU above the baseline's.
-    cpu_key, cpu_qualifier = (EXTRA_CPU[0], " above the baseline") if has_load else ("cpu_s_per_1000_polls", "")
+    cpu_key, cpu_qualifier = (EXTRA_CPU, " above the baseline") if has_load else ("cpu_s_per_1000_polls", "")
     cpu = sorted(
         (value, mode) for mode in products if (value := _median(summary, mode, cpu_key)) is not None
     )
@@ -285,12 +281,10 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
     return " ".join(sentence for sentence in sentences if sentence)
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _count_g(number: float, noun: str) -> str:
-    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
+def count_text(number: float, noun: str) -> str:
+    """Format a count with its noun, singular for 1: ``1 target``, ``50 targets``, ``763 requests``."""
+    shown = f"{number:g}" if isinstance(number, float) else str(number)
+    return f"{shown} {noun}" if number == 1 else f"{shown} {noun}s"
 
 
 def share_text(share: float) -> str:
