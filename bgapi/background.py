@@ -181,10 +181,17 @@ class BackgroundPoller:
             self._exit_stack = stack.pop_all()
 
     async def stop(self) -> None:
-        """Stop the runner, then close the HTTP clients and the store; safe to call twice."""
-        stack, self._exit_stack = self._exit_stack, None
+        """Stop the runner, then close the HTTP clients and the store; safe to call twice.
+
+        :attr:`started` stays True until everything has closed, so a job that
+        runs while the runner stops still sees a started poller.
+        """
+        stack = self._exit_stack
         if stack is not None:
-            await stack.aclose()
+            try:
+                await stack.aclose()
+            finally:
+                self._exit_stack = None
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[None]:
