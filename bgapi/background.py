@@ -61,8 +61,9 @@ class BackgroundPoller:
         config: A :class:`~bgapi.config.Config`, a dict shaped like the TOML
             file (``{"targets": [{"name": ..., "url": ...}], "store": {...}}``),
             or None for no HTTP targets and the default settings.
-        mode: Where the schedule runs: ``"thread"``, ``"asyncio"`` or
-            ``"apscheduler"``; the config's ``[poller] mode`` when None.
+        mode: Where the schedule runs: ``"thread"``, ``"asyncio"``,
+            ``"apscheduler"`` or ``"process"`` (HTTP targets only); the
+            config's ``[poller] mode`` when None.
         jobs: Custom jobs made with :func:`bgapi.job`.
         poll: Run the schedule. False serves stored results and polls only on request.
         exclusive: Poll in only one process per store: the others serve the

@@ -38,6 +38,7 @@ class Mode(str, enum.Enum):
     thread = "thread"
     asyncio = "asyncio"
     apscheduler = "apscheduler"
+    process = "process"
 
 
 class HttpClient(str, enum.Enum):
@@ -218,7 +219,7 @@ def compare(
     modes: Annotated[
         str,
         typer.Option(
-            help="Comma-separated modes to measure: thread, asyncio, apscheduler, "
+            help="Comma-separated modes to measure: thread, asyncio, apscheduler, process, "
             "and the peers fixed-delay, bare-thread, bare-asyncio."
         ),
     ] = "thread,asyncio",

@@ -70,8 +70,8 @@ MAX_TIMEOUT_S = 24 * 3600.0
 # Below this interval, polling a host other than this machine gets a warning.
 MIN_REMOTE_INTERVAL_S = 1.0
 
-Mode = Literal["thread", "asyncio", "apscheduler"]
-MODES: tuple[str, ...] = ("thread", "asyncio", "apscheduler")
+Mode = Literal["thread", "asyncio", "apscheduler", "process"]
+MODES: tuple[str, ...] = ("thread", "asyncio", "apscheduler", "process")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 # Header names whose values are credentials: masked wherever bgapi shows them.

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Iterable
-from datetime import datetime
 from typing import Any, TypeAlias
 
 from bgapi.actions import run_action, should_fire
@@ -120,6 +119,8 @@ class Poller:
         self._published = {name: copy.copy(status) for name, status in self._working.items()}
         self._sequence = {target.name: 0 for target in config.targets}
         self._published_sequence = dict(self._sequence)
+        # The newest result id that restore() has read from the store.
+        self._restored_result_id = 0
         self._jobs: dict[str, Job] = {}
         for job in jobs:
             self.add_job(job)
@@ -156,19 +157,21 @@ class Poller:
         """Return the target or job called ``name``, or None."""
         return self._jobs.get(name) or self.config.target(name)
 
-    def restore(self) -> None:
+    def restore(self, changed_only: bool = False) -> None:
         """Load each target's last state and result from the store, if there is one.
 
         A process that does not poll calls this again to show what the
-        polling process has stored since.
+        polling process has stored since. With ``changed_only``, only the
+        targets with a result newer than the previous call's are read.
         """
         if self.store is None:
             return
-        saved_states = self.store.states()
+        saved_states = self.store.states(self._restored_result_id if changed_only else 0)
         with self._lock:
             for name, saved in saved_states.items():
                 if name not in self._working:
                     continue
+                self._restored_result_id = max(self._restored_result_id, saved["last_result_id"] or 0)
                 status = self._working[name]
                 status.state = State(saved["state"])
                 status.consecutive_successes = saved["consecutive_successes"]
@@ -176,7 +179,7 @@ class Poller:
                 status.last_success_at = saved["last_success_at"]
                 status.last_change_at = saved["last_change_at"]
                 if saved["last_result"] is not None:
-                    status.last_result = _result_from_dict(saved["last_result"])
+                    status.last_result = saved["last_result"]
                 self._published[name] = copy.copy(status)
 
     def status(self, name: str) -> TargetStatus | None:
@@ -343,20 +346,3 @@ class Poller:
         except Exception:
             logger.exception("%s action of target %s failed", action.type, target.name)
 
-
-def _result_from_dict(data: dict[str, Any]) -> PollResult:
-    def timestamp(text: str) -> float:
-        return datetime.fromisoformat(text).timestamp()
-
-    return PollResult(
-        target=data["target"],
-        ok=data["ok"],
-        scheduled_at=timestamp(data["scheduled_at"]),
-        started_at=timestamp(data["started_at"]),
-        elapsed_ms=data["elapsed_ms"],
-        status_code=data["status_code"],
-        error_kind=ErrorKind(data["error_kind"]) if data["error_kind"] else None,
-        error=data["error"],
-        failed_conditions=data["failed_conditions"],
-        lateness_ms=data["lateness_ms"],
-    )

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bgapi.errors import StoreError
-from bgapi.poll import PollResult
+from bgapi.poll import ErrorKind, PollResult
 from bgapi.state import TargetStatus
 
 __all__ = ["Store"]
@@ -234,10 +234,16 @@ class Store:
         )
         return [_result_row(row) for row in rows]
 
-    def states(self) -> dict[str, dict[str, Any]]:
-        """Return the stored state of every target, with its last result."""
+    def states(self, after_result_id: int = 0) -> dict[str, dict[str, Any]]:
+        """Return the stored state of every target, with its last :class:`PollResult`.
+
+        With ``after_result_id``, return only the targets whose last result is
+        newer than that result id: the states that changed since a previous call.
+        """
         rows = self._connect_for_reading().execute(
             "SELECT s.*, r.* FROM target_state s LEFT JOIN results r ON r.id = s.last_result_id"
+            " WHERE coalesce(s.last_result_id, 0) >= ?",
+            (after_result_id + 1 if after_result_id else 0,),
         )
         states = {}
         for row in rows:
@@ -247,7 +253,8 @@ class Store:
                 "consecutive_failures": row["consecutive_failures"],
                 "last_success_at": row["last_success_at"],
                 "last_change_at": row["last_change_at"],
-                "last_result": _result_row(row) if row["id"] is not None else None,
+                "last_result": _result(row) if row["id"] is not None else None,
+                "last_result_id": row["last_result_id"],
             }
         return states
 
@@ -388,17 +395,20 @@ def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) ->
             future.set_exception(error)
 
 
-def _result_row(row: sqlite3.Row) -> dict[str, Any]:
-    result = PollResult(
+def _result(row: sqlite3.Row) -> PollResult:
+    return PollResult(
         target=row["target"],
         ok=bool(row["ok"]),
         scheduled_at=row["scheduled_at"],
         started_at=row["started_at"],
         elapsed_ms=row["elapsed_ms"],
         status_code=row["status_code"],
-        error_kind=row["error_kind"],
+        error_kind=ErrorKind(row["error_kind"]) if row["error_kind"] else None,
         error=row["error"],
         failed_conditions=json.loads(row["failed_conditions"]),
         lateness_ms=row["lateness_ms"],
     )
-    return result.to_dict()
+
+
+def _result_row(row: sqlite3.Row) -> dict[str, Any]:
+    return _result(row).to_dict()

@@ -110,6 +110,13 @@ class PollerLock:
         self._fd = fd
         return True
 
+    def record_holder(self, pid: int) -> None:
+        """Write ``pid`` into the held lock file as the id of the process that polls."""
+        if self._fd is None or self._fd < 0:
+            return
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{pid}\n".encode(), 0)
+
     def release(self) -> None:
         """Give the lock up; calling it without holding the lock does nothing."""
         fd, self._fd = self._fd, None
@@ -201,7 +208,9 @@ class ExclusiveRunner(Runner):
 
     @property
     def poller_pid(self) -> int | None:
-        """The id of the process that holds the lock, from the lock file."""
+        """The id of the polling process: the inner runner's while this one holds the lock."""
+        if self.polling:
+            return self.inner.poller_pid
         return self.lock.holder_pid()
 
     async def start(self) -> None:
@@ -217,7 +226,7 @@ class ExclusiveRunner(Runner):
 
     async def _start(self) -> None:
         if self.lock.try_acquire():
-            await self.inner.start()
+            await self._start_inner()
         else:
             self.state = RunState.STANDBY
             logger.info(
@@ -228,6 +237,13 @@ class ExclusiveRunner(Runner):
                 self.lock.path,
             )
         self._supervisor = asyncio.create_task(self._supervise(), name="bgapi-poller-lock")
+
+    async def _start_inner(self) -> None:
+        await self.inner.start()
+        # The process mode polls in a child: every worker then reports the child's id.
+        pid = self.inner.poller_pid
+        if pid is not None and pid != os.getpid():
+            self.lock.record_holder(pid)
 
     async def _supervise(self) -> None:
         """Take the lock when it frees up and start polling; give it up if the poller dies."""
@@ -241,14 +257,14 @@ class ExclusiveRunner(Runner):
                     self.lock.path,
                 )
                 await asyncio.to_thread(self.poller.restore)
-                await self.inner.start()
+                await self._start_inner()
             while self.inner.alive:
                 await asyncio.sleep(self.retry_s)
             if self.inner.state is RunState.CRASHED:
                 self.lock.release()
                 logger.error(
                     "process %d released the poller lock %s because its poller died; "
-                    "another process takes over polling",
+                    "another process that shares the store, if one runs, takes over polling",
                     os.getpid(),
                     self.lock.path,
                 )
@@ -286,7 +302,7 @@ def create_app_from_env() -> FastAPI:
     any server that imports a factory, for example
     ``BGAPI_CONFIG=config.toml uvicorn --factory bgapi.workers:create_app_from_env --workers 4``.
     It reads three variables. ``BGAPI_CONFIG`` is the TOML file (required).
-    ``BGAPI_MODE`` is thread, asyncio or apscheduler (the config's default when
+    ``BGAPI_MODE`` is thread, asyncio, apscheduler or process (the config's default when
     unset). ``BGAPI_LOG_LEVEL`` sets up bgapi's log handler at that level; when
     it is unset, the logging configuration is left alone.
 

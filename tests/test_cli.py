@@ -31,7 +31,7 @@ def _assert_clean_stop(outcome: ProcessOutcome) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-@pytest.mark.parametrize("mode", ["thread", "asyncio"])
+@pytest.mark.parametrize("mode", ["thread", "asyncio", "process"])
 def test_run_all_polls_and_stops(
     make_config: ConfigWriter, upstream: Upstream, mode: str, sig: signal.Signals
 ) -> None:
@@ -59,7 +59,7 @@ def test_run_all_polls_and_stops(
     assert config.parent.joinpath("bgapi.db").exists()
 
 
-@pytest.mark.parametrize("mode", ["thread", "asyncio"])
+@pytest.mark.parametrize("mode", ["thread", "asyncio", "process"])
 def test_run_all_stops_during_long_interval(
     make_config: ConfigWriter, upstream: Upstream, mode: str
 ) -> None:
@@ -74,7 +74,7 @@ def test_run_all_stops_during_long_interval(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-@pytest.mark.parametrize("mode", ["thread", "asyncio"])
+@pytest.mark.parametrize("mode", ["thread", "asyncio", "process"])
 def test_run_all_stops_with_poll_in_flight(
     make_config: ConfigWriter, upstream: Upstream, mode: str, sig: signal.Signals
 ) -> None:

@@ -207,7 +207,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "unknown-mode",
         '[poller]\nmode = "threads"\n',
-        ["poller.mode", "must be one of 'thread', 'asyncio' or 'apscheduler'", "got 'threads'"],
+        ["poller.mode", "must be one of 'thread', 'asyncio', 'apscheduler' or 'process'", "got 'threads'"],
     ),
     (
         "port-too-large",

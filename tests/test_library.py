@@ -317,7 +317,7 @@ def test_jobs_and_targets_share_the_api(tmp_path: Path, upstream: Upstream) -> N
     assert missing.status_code == 404
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "process"])
 def test_state_reachable_from_user_endpoint(tmp_path: Path, upstream: Upstream, mode: str) -> None:
     poller = BackgroundPoller(
         _settings(tmp_path, {"name": "api", "url": upstream.url("/ok"), "interval": 0.05}),

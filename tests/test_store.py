@@ -164,6 +164,47 @@ def test_state_round_trips_through_restore(tmp_path: Path) -> None:
     assert untouched.last_result is None
 
 
+def test_states_after_result_id_returns_changed_only(store: Store) -> None:
+    _save_all(store, [_result("a", 1), _result("b", 2)])
+    everything = store.states()
+    seen = max(state["last_result_id"] for state in everything.values())
+    _save_all(store, [_result("b", 3)])
+
+    changed = store.states(after_result_id=seen)
+
+    assert set(everything) == {"a", "b"}
+    assert set(changed) == {"b"}
+    assert changed["b"]["last_result"].started_at == _result("b", 3).started_at
+    assert store.states(after_result_id=changed["b"]["last_result_id"]) == {}
+
+
+def test_restore_changed_only_keeps_full_precision(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {
+            "store": {"path": str(tmp_path / "state.db")},
+            "targets": [{"name": "a", "url": "http://127.0.0.1:9/"}],
+        }
+    )
+    store = Store(config.store.path)
+    store.open()
+    try:
+        poller = Poller(config, store)
+        poller.restore(changed_only=True)
+        empty = poller.status("a")
+        precise = _result("a", 1)
+        precise.started_at = 1_700_000_001.123456
+        _save_all(store, [precise])
+        poller.restore(changed_only=True)
+        restored = poller.status("a")
+    finally:
+        store.close()
+
+    assert empty is not None and empty.last_result is None
+    assert restored is not None and restored.last_result is not None
+    # Timestamps come back as stored, not rounded to the API's milliseconds.
+    assert restored.last_result.started_at == 1_700_000_001.123456
+
+
 def test_open_in_missing_directory(tmp_path: Path) -> None:
     store = Store(tmp_path / "no" / "such" / "dir" / "x.db")
 

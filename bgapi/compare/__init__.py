@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["BGAPI_MODES", "run_compare"]
 
-BGAPI_MODES = ("thread", "asyncio", "apscheduler")
+BGAPI_MODES = ("thread", "asyncio", "apscheduler", "process")
 # First polls are spread over at most this many seconds (see bgapi.schedule),
 # so the window starts once every target has run at least once.
 MAX_WARMUP_SPREAD_S = 10.0

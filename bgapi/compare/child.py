@@ -112,10 +112,15 @@ def _summary(app: Any, started: bool) -> dict[str, Any]:
                 drift = (result.started_at - result.scheduled_at) * 1000
                 drift_ms.append(drift)
                 drift_per_run_ms.append(drift / max(1, status.runs))
+    peak_rss_kb = _peak_rss_kb()
+    # The process mode polls in a child process; its memory counts too.
+    child_rss_kb = getattr(getattr(runner, "inner", runner), "child_peak_rss_kb", None)
+    if peak_rss_kb is not None and child_rss_kb:
+        peak_rss_kb += child_rss_kb
     return {
         "started": started,
         "stopped_at": time.time(),
-        "peak_rss_kb": _peak_rss_kb(),
+        "peak_rss_kb": peak_rss_kb,
         "runs": runs,
         "missed": missed,
         "first_run_at": first_run_at,

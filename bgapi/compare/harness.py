@@ -243,7 +243,7 @@ def measure_run(
     while (now := time.time()) < window_end:
         _check_alive(child, log_path)
         with contextlib.suppress(psutil.Error):
-            peak_rss = max(peak_rss, process.memory_info().rss)
+            peak_rss = max(peak_rss, _tree_rss(process))
         on_progress("measuring", (now - window_start) / settings.duration_s)
         time.sleep(min(RSS_SAMPLE_S, max(0.0, window_end - now)))
     # The window ends before the API call, because a saturated server may respond late.
@@ -305,9 +305,35 @@ def _sleep_until(wall_time: float, child: subprocess.Popen[bytes], log_path: Pat
         time.sleep(min(0.1, remaining))
 
 
+def _tree(process: Any) -> list[Any]:
+    """Return the measured process and its children (the process mode polls in a child)."""
+    import psutil
+
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
 def _cpu_seconds(process: Any) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
+    import psutil
+
+    total = 0.0
+    for member in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _tree_rss(process: Any) -> int:
+    import psutil
+
+    total = 0
+    for member in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+    return total
 
 
 def _poller_counts(port: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from bgapi.compare.child import BASELINE
 from bgapi.compare.stats import Spread, describe, spread
+from bgapi.config import MODES
 
 __all__ = ["METRICS", "count_text", "print_table", "share_text", "summarize", "verdict", "write_json", "write_plot"]
 
@@ -326,7 +327,7 @@ def _overlap_warning(summary: dict[str, dict[str, Any]], modes: Sequence[str], k
 
 
 def _recommendation(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> str:
-    candidates = [mode for mode in modes if mode in ("thread", "asyncio", "apscheduler")]
+    candidates = [mode for mode in modes if mode in MODES]
     if not candidates:
         return ""
     primary = "server_p99_ratio" if has_load else "lateness_p99_ms"

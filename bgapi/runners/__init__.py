@@ -10,7 +10,7 @@ __all__ = ["RunState", "Runner", "create_runner"]
 
 
 def create_runner(mode: str, poller: Poller) -> Runner:
-    """Return the runner for ``mode`` ("thread", "asyncio" or "apscheduler").
+    """Return the runner for ``mode``: "thread", "asyncio", "apscheduler" or "process".
 
     Raises:
         ConfigError: the mode is unknown, or its optional extra is not installed.
@@ -34,4 +34,8 @@ def create_runner(mode: str, poller: Poller) -> Runner:
                 ]
             ) from None
         return APSchedulerRunner(poller)
-    raise ConfigError([f"unknown mode {mode!r}; use thread, asyncio or apscheduler"])
+    if mode == "process":
+        from bgapi.runners.process import ProcessRunner
+
+        return ProcessRunner(poller)
+    raise ConfigError([f"unknown mode {mode!r}; use thread, asyncio, apscheduler or process"])

@@ -20,7 +20,7 @@ from bgapi.poller import LoopResources
 from bgapi.runners.base import Runner, RunState
 from bgapi.schedule import run_schedule
 
-__all__ = ["PreciseEpollSelector", "ThreadRunner"]
+__all__ = ["PreciseEpollSelector", "ThreadRunner", "new_loop"]
 
 
 class PreciseEpollSelector(selectors.EpollSelector):
@@ -51,7 +51,8 @@ class PreciseEpollSelector(selectors.EpollSelector):
         return super().select(0)
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
+    """Return an event loop for a poller that owns its thread: it waits with PreciseEpollSelector."""
     if hasattr(selectors, "EpollSelector"):
         return asyncio.SelectorEventLoop(PreciseEpollSelector())
     return asyncio.new_event_loop()
@@ -79,7 +80,7 @@ class ThreadRunner(Runner):
 
     def _main(self) -> None:
         try:
-            with asyncio.Runner(loop_factory=_new_loop) as runner:
+            with asyncio.Runner(loop_factory=new_loop) as runner:
                 runner.run(self._serve())
         except BaseException as error:  # noqa: BLE001 - a dying thread must say why
             self.report_crash(error)

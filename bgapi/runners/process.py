@@ -1,0 +1,319 @@
+"""Process strategy: the poller runs in a child process of the server.
+
+In the thread strategy, polls and requests share one GIL. Every poll's Python
+work (building the request, parsing the response, the store) then waits for
+the server, and the server waits for it. Here the schedule, its HTTP clients
+and its actions run in a process of their own, started and stopped with the
+server, so polls and requests share only the CPU cores.
+
+The child runs the schedule of the thread strategy, on an event loop that
+waits with :class:`~bgapi.runners.thread.PreciseEpollSelector`, and commits
+every result to the SQLite store. It sends the server its run statistics
+(lateness, missed slots, next runs) over a pipe every :data:`REPORT_S`
+seconds; on each report the server reads the targets' states from the store.
+The API therefore shows a result at most about :data:`REPORT_S` after its
+commit.
+
+Only HTTP targets run in the child. Custom jobs are functions of the app's
+process, so this mode rejects them. A poll requested through the API runs in
+the server process: its result is stored and shown, but the child's
+thresholds do not count it. The child is started with a file descriptor
+passed to it, so the mode needs a POSIX system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bgapi.errors import RunnerError, StoreError
+from bgapi.jobs import Job
+from bgapi.poller import Poller
+from bgapi.runners.base import Runner, RunState
+
+__all__ = ["ProcessRunner"]
+
+logger = logging.getLogger(__name__)
+
+# How often the child reports its runs, and the server refreshes the states.
+REPORT_S = 0.25
+# How long start() waits for the child to import bgapi and start its schedule.
+START_TIMEOUT_S = 60.0
+# The child's niceness increment: when the server and the poller both want a
+# core, the kernel's scheduler runs the server first. At weight 110 against
+# 1024 the poller still gets about a tenth of a busy core, more than 50 polls/s need.
+CHILD_NICENESS = 10
+# How often the child checks that its parent is alive.
+PARENT_CHECK_S = 0.5
+
+Message = tuple[Any, ...]
+
+
+class ProcessRunner(Runner):
+    """Run the schedule in a child process; stop it with SIGTERM and wait for it."""
+
+    mode = "process"
+
+    def __init__(self, poller: Poller) -> None:
+        super().__init__(poller)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._events: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._restore_error: str | None = None
+        # The child's peak resident memory, read just before it is stopped (Linux only).
+        self.child_peak_rss_kb: int | None = None
+
+    @property
+    def child_pid(self) -> int | None:
+        """The id of the polling child process, None before start."""
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def poller_pid(self) -> int | None:
+        """The id of the child process while it polls."""
+        return self.child_pid if self.polling else None
+
+    async def _start(self) -> None:
+        if os.name != "posix":
+            self.state = RunState.IDLE
+            raise RunnerError("the process mode needs Linux, macOS or another POSIX system")
+        jobs = [target.name for target in self.poller.enabled_targets if isinstance(target, Job)]
+        if jobs:
+            self.state = RunState.IDLE
+            raise RunnerError(
+                f"the process mode runs HTTP targets only, and {len(jobs)} job(s) are registered "
+                f"({', '.join(jobs[:3])}); use the thread or asyncio mode for custom jobs"
+            )
+        first = await asyncio.to_thread(self._launch)
+        if first != ("ready",):
+            code = self._child.poll() if self._child is not None else None
+            self.state = RunState.CRASHED
+            self.error = f"the poller process exited during startup (code {code})"
+            raise RunnerError(self.error + "; the lines it logged above give the reason")
+        self.state = RunState.RUNNING
+        self._reader = threading.Thread(target=self._read, name="bgapi-process-reader", daemon=True)
+        self._reader.start()
+
+    def _launch(self) -> Message | None:
+        """Start the child, send it the config and return its first event (None if it died)."""
+        read_fd, write_fd = os.pipe()
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "bgapi.runners.process", str(write_fd), str(level).lower()],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._events = Connection(read_fd, writable=False)
+        assert self._child.stdin is not None
+        try:
+            with self._child.stdin:
+                self._child.stdin.write(pickle.dumps(self.poller.config))
+        except BrokenPipeError:
+            pass  # the child died at once; recv() below reports it
+        if not self._events.poll(START_TIMEOUT_S):
+            self._kill()
+            return None
+        try:
+            return self._events.recv()
+        except EOFError:
+            return None
+
+    def _read(self) -> None:
+        """Apply the child's reports until it exits; report a crash unless stop() ended it."""
+        assert self._events is not None and self._child is not None
+        try:
+            while True:
+                try:
+                    events = self._events.recv()
+                except EOFError:
+                    break
+                self._apply(events)
+        except Exception as error:
+            logger.exception("cannot read the poller process's reports")
+            self._kill()
+            self.report_crash(error)
+            return
+        code = self._child.wait()
+        if not self._stopping:
+            self.report_crash(
+                RunnerError(f"the poller process {self._child.pid} exited with code {code}")
+            )
+
+    def _apply(self, events: list[Message]) -> None:
+        poller = self.poller
+        for event in events:
+            kind, name = event[0], event[1]
+            if kind == "run":
+                first = poller.stats.first_run_at is None
+                poller.record_run(name, event[2], event[3])
+                if first:
+                    poller.stats.first_run_at = event[4]
+            elif kind == "missed":
+                poller.record_missed(name, event[2])
+            elif kind == "next":
+                poller.set_next_run(name, event[2])
+        try:
+            poller.restore(changed_only=True)
+        except StoreError as exc:
+            # The next report tries again; log each new error once.
+            if str(exc) != self._restore_error:
+                logger.warning("cannot show the poller process's latest results: %s", exc)
+            self._restore_error = str(exc)
+        else:
+            self._restore_error = None
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
+        child = self._child
+        if child is None:
+            return
+        self.child_peak_rss_kb = _peak_rss_kb(child.pid)
+        if child.poll() is None:
+            child.terminate()
+        try:
+            await asyncio.to_thread(child.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.error = f"the poller process did not stop within {timeout:g} s and was killed"
+            self._kill()
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, timeout)
+        if self._events is not None:
+            self._events.close()
+        # The child's last results are on disk; show them.
+        await asyncio.to_thread(self.poller.restore)
+
+    def _kill(self) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+class _ReportingPoller(Poller):
+    """The child's poller: it also queues what the server's copy must count."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[Message] = []
+
+    def record_run(self, name: str, lateness_ms: float, missed: int) -> None:
+        super().record_run(name, lateness_ms, missed)
+        self.events.append(("run", name, lateness_ms, missed, time.time()))
+
+    def record_missed(self, name: str, missed: int) -> None:
+        super().record_missed(name, missed)
+        self.events.append(("missed", name, missed))
+
+    def set_next_run(self, name: str, next_run_at: float) -> None:
+        super().set_next_run(name, next_run_at)
+        self.events.append(("next", name, next_run_at))
+
+
+async def _serve(poller: _ReportingPoller, events: Connection) -> None:
+    """Run the schedule until SIGTERM, until the parent dies or until the schedule crashes."""
+    from bgapi.poller import LoopResources
+    from bgapi.schedule import run_schedule
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    _watch_parent(lambda: loop.call_soon_threadsafe(stop.set))
+
+    def send_events() -> None:
+        batch, poller.events = poller.events, []
+        try:
+            events.send(batch)
+        except OSError:  # the server is gone: stop polling
+            stop.set()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(REPORT_S)
+            send_events()
+
+    resources = LoopResources(poller.config)
+    schedule = asyncio.create_task(run_schedule(poller, resources), name="bgapi-schedule")
+    reporter = asyncio.create_task(report(), name="bgapi-process-report")
+    stopped = asyncio.create_task(stop.wait(), name="bgapi-process-stop")
+    try:
+        events.send(("ready",))
+    except OSError:
+        stop.set()
+    try:
+        await asyncio.wait({schedule, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (schedule, reporter, stopped):
+            task.cancel()
+        await asyncio.gather(schedule, reporter, stopped, return_exceptions=True)
+        await resources.aclose()
+        send_events()
+    if not schedule.cancelled() and schedule.exception() is not None:
+        # A bug outside a poll: exit non-zero with the traceback, so the server reports a crash.
+        raise schedule.exception()  # type: ignore[misc]
+
+
+def _watch_parent(on_orphaned: Any) -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        on_orphaned()
+
+    threading.Thread(target=watch, name="bgapi-parent-watch", daemon=True).start()
+
+
+def _child_main(argv: list[str]) -> None:
+    """Poll until SIGTERM or until the parent dies: ``python -m bgapi.runners.process FD LEVEL``."""
+    # Ctrl-C reaches the whole process group; the server stops this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "nice"):
+        os.nice(CHILD_NICENESS)
+    events = Connection(int(argv[0]), readable=False)
+    config = pickle.loads(sys.stdin.buffer.read())
+
+    from bgapi.logs import setup_logging
+    from bgapi.runners.thread import new_loop
+    from bgapi.store import Store
+
+    setup_logging(argv[1], config.redact)
+    store = Store(config.store.path, config.store.retention)
+    store.open()
+    try:
+        poller = _ReportingPoller(config, store, mode=ProcessRunner.mode)
+        poller.restore()
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_serve(poller, events))
+    finally:
+        store.close()
+        with contextlib.suppress(OSError):
+            events.close()
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
