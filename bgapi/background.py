@@ -185,7 +185,7 @@ class BackgroundPoller:
         """Stop the runner, then close the HTTP clients and the store; safe to call twice.
 
         :attr:`started` stays True until everything has closed, so a job that
-        runs while the runner stops still sees a started poller.
+        runs while the runner stops finds it True.
         """
         stack = self._exit_stack
         if stack is not None:

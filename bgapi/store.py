@@ -240,11 +240,12 @@ class Store:
         With ``after_result_id``, return only the targets whose last result is
         newer than that result id: the states that changed since a previous call.
         """
-        rows = self._connect_for_reading().execute(
-            "SELECT s.*, r.* FROM target_state s LEFT JOIN results r ON r.id = s.last_result_id"
-            " WHERE coalesce(s.last_result_id, 0) >= ?",
-            (after_result_id + 1 if after_result_id else 0,),
-        )
+        query = "SELECT s.*, r.* FROM target_state s LEFT JOIN results r ON r.id = s.last_result_id"
+        parameters: tuple[int, ...] = ()
+        if after_result_id:
+            query += " WHERE s.last_result_id > ?"
+            parameters = (after_result_id,)
+        rows = self._connect_for_reading().execute(query, parameters)
         states = {}
         for row in rows:
             states[row["target"]] = {

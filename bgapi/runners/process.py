@@ -8,10 +8,10 @@ server, so polls and requests share only the CPU cores.
 
 The child runs the schedule of the thread strategy, on an event loop that
 waits with :class:`~bgapi.runners.thread.PreciseEpollSelector`, and commits
-every result to the SQLite store. It sends the server its run statistics
-(lateness, missed slots, next runs) over a pipe every :data:`REPORT_S`
-seconds; on each report the server reads the targets' states from the store.
-The API therefore shows a result at most about :data:`REPORT_S` after its
+every result to the SQLite store. Every :data:`REPORT_S` seconds it sends
+the server its run statistics (lateness, missed slots, next runs) over a
+pipe. On each report the server reads the states that changed from the
+store, so the API shows a result at most about :data:`REPORT_S` after its
 commit.
 
 Only HTTP targets run in the child. Custom jobs are functions of the app's
@@ -61,7 +61,7 @@ Message = tuple[Any, ...]
 
 
 class ProcessRunner(Runner):
-    """Run the schedule in a child process; stop it with SIGTERM and wait for it."""
+    """Run the schedule in a child process, and stop it with SIGTERM."""
 
     mode = "process"
 
@@ -127,7 +127,7 @@ class ProcessRunner(Runner):
             with self._child.stdin:
                 self._child.stdin.write(pickle.dumps(self.poller.config))
         except BrokenPipeError:
-            pass  # the child died at once; recv() below reports it
+            pass  # the child died at once, and recv() below reports it
         if not self._events.poll(START_TIMEOUT_S):
             self._kill()
             return None
@@ -137,7 +137,7 @@ class ProcessRunner(Runner):
             return None
 
     def _read(self) -> None:
-        """Apply the child's reports until it exits; report a crash unless stop() ended it."""
+        """Apply the child's reports until it exits, then report a crash unless stop() ended it."""
         assert self._events is not None and self._child is not None
         try:
             while True:
@@ -173,7 +173,7 @@ class ProcessRunner(Runner):
         try:
             poller.restore(changed_only=True)
         except StoreError as exc:
-            # The next report tries again; log each new error once.
+            # The next report tries again, and each new error is logged once.
             if str(exc) != self._restore_error:
                 logger.warning("cannot show the poller process's latest results: %s", exc)
             self._restore_error = str(exc)
@@ -197,7 +197,7 @@ class ProcessRunner(Runner):
             await asyncio.to_thread(self._reader.join, timeout)
         if self._events is not None:
             self._events.close()
-        # The child's last results are on disk; show them.
+        # The child's last results are on disk, so show them.
         await asyncio.to_thread(self.poller.restore)
 
     def _kill(self) -> None:
@@ -290,7 +290,7 @@ def _watch_parent(on_orphaned: Any) -> None:
 
 def _child_main(argv: list[str]) -> None:
     """Poll until SIGTERM or until the parent dies: ``python -m bgapi.runners.process FD LEVEL``."""
-    # Ctrl-C reaches the whole process group; the server stops this process itself.
+    # Ctrl-C reaches the whole process group, but the server stops this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         os.nice(CHILD_NICENESS)
