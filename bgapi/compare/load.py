@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from bgapi.compare.upstream import event_loop_factory, watch_parent
+from bgapi.compare.upstream import event_loop_factory
+from bgapi.parent_watch import watch_parent
 
 __all__ = ["LoadResult", "run_load"]
 

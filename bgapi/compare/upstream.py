@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 from typing import cast
+
+from bgapi.parent_watch import watch_parent
 
 __all__ = ["BODY", "UpstreamProtocol", "serve"]
 
@@ -138,18 +137,6 @@ def event_loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLo
     except ImportError:
         return None
     return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
-def watch_parent(on_orphaned: Callable[[], None], poll_s: float = 0.5) -> None:
-    """Call ``on_orphaned`` once from a daemon thread when the parent process is gone."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        on_orphaned()
-
-    threading.Thread(target=watch, name="bgapi-parent-watch", daemon=True).start()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 from bgapi.errors import RunnerError, StoreError
 from bgapi.jobs import Job
+from bgapi.parent_watch import watch_parent
 from bgapi.poller import Poller
 from bgapi.runners.base import Runner, RunState
 
@@ -242,7 +243,7 @@ async def _serve(poller: _ReportingPoller, events: Connection) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    _watch_parent(lambda: loop.call_soon_threadsafe(stop.set))
+    watch_parent(lambda: loop.call_soon_threadsafe(stop.set), PARENT_CHECK_S)
 
     def send_events() -> None:
         batch, poller.events = poller.events, []
@@ -275,17 +276,6 @@ async def _serve(poller: _ReportingPoller, events: Connection) -> None:
     if not schedule.cancelled() and schedule.exception() is not None:
         # A bug outside a poll: exit non-zero with the traceback, so the server reports a crash.
         raise schedule.exception()  # type: ignore[misc]
-
-
-def _watch_parent(on_orphaned: Any) -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_S)
-        on_orphaned()
-
-    threading.Thread(target=watch, name="bgapi-parent-watch", daemon=True).start()
 
 
 def _child_main(argv: list[str]) -> None:
