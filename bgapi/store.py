@@ -110,6 +110,10 @@ class Store:
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._local = threading.local()
+        # Every thread's read connection, so that close() can close them all.
+        # SQLite removes the WAL file only when the last connection to the file closes.
+        self._readers: set[sqlite3.Connection] = set()
+        self._readers_lock = threading.Lock()
         self._since_prune: dict[str, int] = {}
         self._write_error: BaseException | None = None
         # Results lost since the current run of write errors began.
@@ -166,10 +170,11 @@ class Store:
             if self._writer.is_alive():
                 logger.error("store writer did not finish within %.0f s", CLOSE_TIMEOUT_S)
             self._writer = None
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, set()
+        for connection in readers:
             connection.close()
-            self._local.connection = None
+        self._local.connection = None
 
     async def save(self, result: PollResult, status: TargetStatus) -> None:
         """Store ``result`` and the target's state; return once both are committed.
@@ -278,12 +283,15 @@ class Store:
 
     def _connect_for_reading(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
-        if connection is None:
+        if connection is None or connection not in self._readers:
+            # None, or closed by close() since this thread last read.
             try:
                 connection = self._connect()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read the store {str(self.path)!r}: {exc}") from None
             self._local.connection = connection
+            with self._readers_lock:
+                self._readers.add(connection)
         return connection
 
     def _write_loop(self, connection: sqlite3.Connection) -> None:

@@ -250,6 +250,36 @@ def test_close_flushes_queue(tmp_path: Path) -> None:
     assert _rows(tmp_path / "flush.db", "SELECT count(*) FROM results") == [(200,)]
 
 
+def test_close_closes_every_thread_reader(tmp_path: Path) -> None:
+    path = tmp_path / "readers.db"
+    store = Store(path)
+    store.open()
+    store.submit(_result("a", 0), TargetStatus("a"), lambda error: None)
+    readers = [threading.Thread(target=store.results, args=("a", 10)) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(10)
+
+    store.close()
+
+    # SQLite removes the WAL file when the last connection to the database closes.
+    assert not Path(f"{path}-wal").exists()
+
+
+def test_reader_reconnects_after_close(tmp_path: Path) -> None:
+    store = Store(tmp_path / "reopen.db")
+    store.open()
+    store.submit(_result("a", 0), TargetStatus("a"), lambda error: None)
+    store.results("a", 10)  # opens this thread's read connection
+    store.close()
+
+    store.open()
+
+    assert len(store.results("a", 10)) == 1
+    store.close()
+
+
 def test_shown_result_already_on_disk(tmp_path: Path, upstream: Upstream) -> None:
     """Whatever ``Poller.status`` shows has committed, checked while polls run."""
     path = tmp_path / "shown.db"
