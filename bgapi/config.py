@@ -69,6 +69,8 @@ MAX_INTERVAL_S = 30 * 24 * 3600.0
 MAX_TIMEOUT_S = 24 * 3600.0
 # Below this interval, polling a host other than this machine gets a warning.
 MIN_REMOTE_INTERVAL_S = 1.0
+# A startup warning that applies to many targets names this many, then counts the rest.
+MAX_WARNED_TARGETS = 3
 
 Mode = Literal["thread", "asyncio", "apscheduler", "process"]
 MODES: tuple[str, ...] = ("thread", "asyncio", "apscheduler", "process")
@@ -367,27 +369,44 @@ class Config(_Section):
         return _Redactor(set(self._secrets))(text)
 
     def startup_warnings(self) -> list[str]:
-        """Describe settings that are allowed but probably not what the user meant."""
-        warnings = []
+        """Describe settings that are allowed but probably not what the user meant.
+
+        A warning that applies to many targets names the first
+        ``MAX_WARNED_TARGETS`` of them, then counts the rest in one line.
+        """
+        fast: list[str] = []
+        slow: list[str] = []
+        unverified: list[str] = []
         for target in self.enabled_targets:
             host = urlsplit(target.url).hostname or ""
             if target.interval_s < MIN_REMOTE_INTERVAL_S and not _is_loopback(host):
-                warnings.append(
+                fast.append(
                     f"target {target.name!r}: interval {target.interval_s:g} s polls {host} "
                     f"{1 / target.interval_s:.0f} times a second; check that this is intended"
                 )
             if target.timeout_s > target.interval_s:
-                warnings.append(
+                slow.append(
                     f"target {target.name!r}: timeout {target.timeout_s:g} s is longer than its "
                     f"interval {target.interval_s:g} s, so the slots a slow poll covers are "
                     "skipped and counted as missed"
                 )
             if not target.verify:
-                warnings.append(
+                unverified.append(
                     f"target {target.name!r}: TLS certificate verification is off (verify = false)"
                 )
-        return warnings
+        return (
+            _first_warnings(fast, f"an interval under {MIN_REMOTE_INTERVAL_S:g} s on a remote host")
+            + _first_warnings(slow, "a timeout longer than the interval")
+            + _first_warnings(unverified, "TLS certificate verification off")
+        )
 
+
+def _first_warnings(warnings: list[str], problem: str) -> list[str]:
+    """Keep the first ``MAX_WARNED_TARGETS`` warnings and count the others in one more line."""
+    if len(warnings) <= MAX_WARNED_TARGETS + 1:
+        return warnings
+    others = len(warnings) - MAX_WARNED_TARGETS
+    return [*warnings[:MAX_WARNED_TARGETS], f"{others} more targets have {problem}"]
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -676,7 +695,24 @@ def _describe_validation_error(
         if isinstance(value, Mapping):  # a check across keys: the table is no help
             return f"{source}: {where}: {redact(message)}"
         return f"{source}: {where}: {redact(message)} (got {redact(_show(value))})"
-    return f"{source}: {where}: {_describe_kind(kind, ctx, error['msg'])}, got {redact(_show(value))}"
+    fix = _number_fix(str(loc[-1]), value) if kind in _NUMBER_KINDS and isinstance(value, str) else ""
+    return f"{source}: {where}: {_describe_kind(kind, ctx, error['msg'])}, got {redact(_show(value))}{fix}"
+
+
+_NUMBER_KINDS = {"float_type", "float_parsing", "int_type", "int_parsing"}
+# Units that a number written as a string may carry; durations in the config are in seconds.
+_SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _number_fix(key: str, value: str) -> str:
+    """Suggest the bare number for a quoted one such as "2" or "30s", or return ""."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*", value)
+    if match is None:
+        return ""
+    if match[2] is None:
+        return f"; remove the quotes: {key} = {match[1]}"
+    seconds = float(match[1]) * _SECONDS_PER_UNIT[match[2]]
+    return f"; write the seconds as a bare number: {key} = {seconds:g}"
 
 
 def _is_internal_loc(part: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import pytest
 from helpers import ConfigWriter, run_cli
 
-from bgapi.config import Config, config_from_dict, load_config
+from bgapi.config import MAX_WARNED_TARGETS, Config, config_from_dict, load_config
 from bgapi.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -370,6 +370,56 @@ def test_timeout_above_interval_is_a_warning(make_config: ConfigWriter) -> None:
     assert (
         "warning: target 'api': timeout 2 s is longer than its interval 0.5 s" in completed.stderr
     )
+
+
+def test_repeated_warning_counts_other_targets() -> None:
+    targets = [
+        {"name": f"t{index}", "url": f"http://127.0.0.1/{index}", "interval": 1, "timeout": 5}
+        for index in range(50)
+    ]
+    config = config_from_dict({"targets": targets})
+
+    warnings = config.startup_warnings()
+
+    assert len(warnings) == MAX_WARNED_TARGETS + 1
+    assert warnings[0].startswith("target 't0': timeout 5 s is longer than its interval 1 s")
+    assert warnings[-1] == f"{50 - MAX_WARNED_TARGETS} more targets have a timeout longer than the interval"
+
+
+def test_few_repeated_warnings_are_all_listed() -> None:
+    targets = [
+        {"name": f"t{index}", "url": "https://127.0.0.1/", "verify": False}
+        for index in range(MAX_WARNED_TARGETS + 1)
+    ]
+
+    warnings = config_from_dict({"targets": targets}).startup_warnings()
+
+    assert len(warnings) == MAX_WARNED_TARGETS + 1
+    assert all("verification is off" in warning for warning in warnings)
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ({"interval": "30s"}, "got '30s'; write the seconds as a bare number: interval = 30"),
+        ({"interval": "5m"}, "got '5m'; write the seconds as a bare number: interval = 300"),
+        ({"timeout": "500ms"}, "got '500ms'; write the seconds as a bare number: timeout = 0.5"),
+        ({"failure_threshold": "2"}, "got '2'; remove the quotes: failure_threshold = 2"),
+    ],
+)
+def test_quoted_number_error_suggests_fix(field: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"targets": [{"name": "a", "url": "http://127.0.0.1/", **field}]})
+
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].endswith(expected)
+
+
+def test_non_number_string_gets_no_fix() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"targets": [{"name": "a", "url": "http://127.0.0.1/", "interval": "soon"}]})
+
+    assert caught.value.problems[0].endswith("must be a number, got 'soon'")
 
 
 def test_config_error_lists_problems() -> None:
