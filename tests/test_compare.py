@@ -24,7 +24,7 @@ from bgapi.compare.report import (
     verdict,
     write_plot,
 )
-from bgapi.compare.stats import histogram, percentiles, spread
+from bgapi.compare.stats import histogram, percentiles, sign_test, spread
 from bgapi.compare.upstream import BODY, serve
 
 SMOKE_MODES = ("thread", "asyncio", "fixed-delay")
@@ -96,6 +96,15 @@ def test_smoke_poll_modes_ran_on_schedule(smoke: tuple[dict, str]) -> None:
         assert run["cpu_s_per_1000_polls"] > 0, run["mode"]
         assert run["drift_ms"] is not None, run["mode"]
         assert run["runner_state"] == "stopped", run["mode"]
+
+
+def test_smoke_baseline_serves_same_responses(smoke: tuple[dict, str]) -> None:
+    # The baseline's store is seeded with one result per target, so its API
+    # returns responses of the same size as a polling server's.
+    document, _ = smoke
+    sizes = {run["mode"]: run["server"]["mean_body_bytes"] for run in document["runs"]}
+    assert sizes["baseline"] > 0
+    assert sizes["baseline"] == pytest.approx(sizes["thread"], rel=0.1)
 
 
 def test_smoke_summary_has_every_metric(smoke: tuple[dict, str]) -> None:
@@ -347,6 +356,72 @@ def test_histogram_counts_every_value() -> None:
     edges = result["edges_ms"]
     assert result["counts"][0] == 2
     assert result["counts"][edges.index(1.0)] == 2
+
+
+def test_sign_test_p_values() -> None:
+    assert sign_test(5, 10) == 1.0
+    assert sign_test(5, 5) == pytest.approx(0.0625)
+    assert sign_test(0, 5) == pytest.approx(0.0625)
+    assert sign_test(8, 10) == pytest.approx(0.109375)
+    assert sign_test(10, 10) == pytest.approx(2 / 1024)
+    assert sign_test(0, 0) == 1.0
+
+
+def _paired_runs(process_p99: list[float], thread_p99: list[float]) -> list[dict]:
+    runs = []
+    for repetition, (process, thread) in enumerate(zip(process_p99, thread_p99, strict=True)):
+        for mode, p99 in (("baseline", 4.0), ("process", process), ("thread", thread)):
+            runs.append({
+                "mode": mode,
+                "repetition": repetition,
+                "ok": True,
+                "runs_done": 10,
+                "runs_done_ratio": 1.0,
+                "lateness_ms": {"p99": 1.0},
+                "server": {"latency_ms": {"p99": p99}, "completed": 100, "requests_per_s": 90},
+            })
+    return runs
+
+
+def test_verdict_counts_paired_repetitions() -> None:
+    modes = ["baseline", "process", "thread"]
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+    # Thread is lower in one repetition of ten, so process wins 9 of 10 (p = 0.021).
+    summary = summarize(_paired_runs([5.0] * 10, [8.0] * 9 + [4.5]), modes)
+    text = verdict(summary, modes, settings)
+    assert "process gave the lowest server p99" in text
+    assert "process had the lower server p99 in 9 of 10 against thread (sign test p = 0.021)" in text
+    assert "more --repeat" not in text
+
+
+def test_verdict_flags_a_split_that_noise_explains() -> None:
+    modes = ["baseline", "process", "thread"]
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+    summary = summarize(_paired_runs([5.0, 5.0, 9.0, 5.0], [8.0, 8.0, 6.0, 4.0]), modes)
+    text = verdict(summary, modes, settings)
+    assert "in 2 of 4 against thread (sign test p = 1)" in text
+    assert "more --repeat is needed" in text
+
+
+def test_verdict_reports_cpu_tie() -> None:
+    runs = [
+        {"mode": mode, "repetition": 0, "ok": True, "runs_done": 100, "cpu_s_per_1000_polls": cpu}
+        for mode, cpu in (("thread", 1.5999999999999992), ("process", 1.6000000000000014))
+    ]
+    settings = {"load": 0, "targets": 1, "interval_s": 1.0}
+
+    text = verdict(summarize(runs, ["thread", "process"]), ["thread", "process"], settings)
+
+    assert "used the same CPU per 1000 polls (1.60 s)" in text
+    assert "the most" not in text
+
+
+def test_verdict_warns_about_one_repetition() -> None:
+    modes = ["baseline", "process", "thread"]
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+    text = verdict(summarize(_paired_runs([5.0], [8.0]), modes), modes, settings)
+    assert "With one repetition per mode" in text
+    assert "Repetition by repetition" not in text
 
 
 def test_extra_cpu_subtracts_same_repetition_baseline() -> None:

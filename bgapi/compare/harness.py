@@ -39,6 +39,8 @@ __all__ = ["CompareError", "ProcessGroup", "RunSettings", "measure_run", "start_
 STARTUP_TIMEOUT_S = 60.0
 # Seconds a stopped child may take to exit before it is killed and the run marked.
 STOP_TIMEOUT_S = 10.0
+# Seconds that `bgapi poll-once` may take to fill the baseline's store.
+SEED_TIMEOUT_S = 120.0
 # How often the harness samples the child's RSS during the window.
 RSS_SAMPLE_S = 0.25
 HOST = "127.0.0.1"
@@ -210,6 +212,9 @@ def measure_run(
     max_seconds = STARTUP_TIMEOUT_S + settings.warmup_s + settings.duration_s + 60
     log_path = workdir / "child.log"
     with open(log_path, "wb") as log:
+        if mode == BASELINE and settings.load:
+            on_progress("seeding the store", 0.0)
+            _seed_store(config_path, log, log_path)
         on_progress("starting", 0.0)
         launched_at = time.time()
         child = group.start(
@@ -272,6 +277,31 @@ def measure_run(
         stop_s=stop_s,
         exit_code=exit_code,
     )
+
+
+def _seed_store(config_path: Path, log: IO[bytes], log_path: Path) -> None:
+    """Poll every target once into the store that the baseline server reads at startup.
+
+    A polling server's API returns each target's last result. Without one, the
+    baseline would serialize smaller responses, and every mode's latency
+    ratio would include that difference.
+    """
+    try:
+        completed = subprocess.run(
+            _python_module("bgapi", "poll-once", "--config", str(config_path)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            timeout=SEED_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise CompareError(f"seeding the baseline's store timed out after {SEED_TIMEOUT_S:g} s; see {log_path}") from error
+    # Exit code 1 means that a target was down, and its result is stored all the same.
+    if completed.returncode not in (0, 1):
+        raise CompareError(
+            f"seeding the baseline's store failed with exit code {completed.returncode}; see {log_path}"
+        )
 
 
 def _wait_ready(child: subprocess.Popen[bytes], port: int, log_path: Path) -> float:
@@ -457,6 +487,7 @@ def _server_figures(load_result: dict[str, Any] | None) -> dict[str, Any] | None
         "completed": load_result["completed"],
         "errors": load_result["errors"],
         "late_sends": load_result["late_sends"],
+        "mean_body_bytes": load_result.get("mean_body_bytes"),
     }
 
 

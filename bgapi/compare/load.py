@@ -58,6 +58,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._waiter: asyncio.Future[int] | None = None
         self._status = 0
         self._body_left = -1
+        # Response body bytes received on this connection, for LoadResult.body_bytes.
+        self.body_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -90,6 +92,7 @@ class _ClientProtocol(asyncio.Protocol):
                 return
         if len(self._buffer) < self._body_left:
             return
+        self.body_bytes += self._body_left
         del self._buffer[: self._body_left]
         waiter, self._waiter = self._waiter, None
         self._body_left = -1
@@ -124,6 +127,7 @@ class LoadResult:
         self.latencies_ms = array("d")
         self.errors: Counter[str] = Counter()
         self.late_sends = 0
+        self.body_bytes = 0
         self.started_at = 0.0
         self.ended_at = 0.0
 
@@ -137,6 +141,7 @@ class LoadResult:
             "requests_per_s": len(self.latencies_ms) / elapsed,
             "errors": dict(self.errors),
             "late_sends": self.late_sends,
+            "mean_body_bytes": self.body_bytes / len(self.latencies_ms) if self.latencies_ms else None,
             "latencies_ms": [round(value, 4) for value in self.latencies_ms],
         }
 
@@ -223,6 +228,8 @@ async def run_load(
                     protocol = None
                     continue
                 result.latencies_ms.append((time.perf_counter() - sent) * 1000)
+                result.body_bytes += connection.body_bytes
+                connection.body_bytes = 0
                 if status != 200:
                     result.errors[f"status_{status}"] += 1
         finally:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bgapi.compare.child import BASELINE
-from bgapi.compare.stats import Spread, describe, spread
+from bgapi.compare.stats import Spread, describe, sign_test, spread
 from bgapi.config import MODES
 
 __all__ = ["METRICS", "count_text", "print_table", "share_text", "summarize", "verdict", "write_json", "write_plot"]
@@ -52,6 +51,7 @@ METRICS: tuple[tuple[str, str, Extractor], ...] = (
     ("server_p99_ms", "server latency p99 (ms)", _nested("server", "latency_ms", "p99")),
     ("server_max_ms", "server latency max (ms)", _nested("server", "latency_ms", "max")),
     ("requests_per_s", "server requests/s", _nested("server", "requests_per_s")),
+    ("mean_body_bytes", "response body (bytes)", _nested("server", "mean_body_bytes")),
     ("cpu_s_per_1000_polls", "CPU s per 1000 polls", _nested("cpu_s_per_1000_polls")),
     ("cpu_s", "CPU s in the window", _nested("cpu_s")),
     ("peak_rss_mb", "peak RSS (MB)", _nested("peak_rss_mb")),
@@ -70,6 +70,13 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
 # The CPU a mode used beyond the baseline run of the same repetition, per
 # 1000 polls: what the polls cost, the server's own requests taken out.
 EXTRA_CPU = "extra_cpu_s_per_1000_polls"
+
+# Figures that the verdict compares repetition by repetition, with their names
+# in its sentences. Modes in one repetition ran minutes apart at most, so a
+# paired comparison is less exposed to the machine's drift than min-max ranges.
+PAIRED: dict[str, str] = {"server_p99_ms": "server p99", "lateness_p99_ms": "p99 lateness"}
+# Below this sign-test p-value the verdict calls a ranking unlikely to be noise.
+SIGNIFICANCE = 0.05
 
 # Share of the paced requests that the load generator sent over 1 ms late: a
 # server that cannot keep up with --rate turns the run into saturation.
@@ -109,6 +116,9 @@ def summarize(runs: Sequence[Figures], modes: Sequence[str]) -> dict[str, dict[s
             entry[ratio_key] = spread(ratios)
         entry[EXTRA_CPU] = spread(_extra_cpu(run, baseline_by_rep.get(run["repetition"])) for run in mode_runs)
         entry[LATE_SHARE] = spread(_late_share(run) for run in mode_runs)
+        entry["by_repetition"] = {
+            key: {run["repetition"]: by_key[key](run) for run in mode_runs} for key in PAIRED
+        }
         entry["exit_codes"] = [run.get("exit_code") for run in mode_runs]
         entry["runs_measured"] = len(mode_runs)
         entry["runs_failed"] = sum(1 for run in runs if run["mode"] == mode and not run.get("ok"))
@@ -271,14 +281,27 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
     cpu = sorted(
         (value, mode) for mode in products if (value := _median(summary, mode, cpu_key)) is not None
     )
-    if len(cpu) > 1:
+    if len(cpu) > 1 and f"{cpu[0][0]:.2f}" == f"{cpu[-1][0]:.2f}":
+        sentences.append(
+            f"{_join([mode for _, mode in cpu])} used the same CPU per 1000 polls{cpu_qualifier} "
+            f"({cpu[0][0]:.2f} s)."
+        )
+    elif len(cpu) > 1:
         sentences.append(
             f"{cpu[0][1]} used the least CPU per 1000 polls{cpu_qualifier} ({cpu[0][0]:.2f} s), "
             f"{cpu[-1][1]} the most ({cpu[-1][0]:.2f} s)."
         )
 
-    sentences.append(_overlap_warning(summary, products, "server_p99_ms" if has_load else "lateness_p99_ms"))
-    sentences.append(_recommendation(summary, products, has_load))
+    key = "server_p99_ms" if has_load else "lateness_p99_ms"
+    favoured = _best_mode(summary, products, has_load)
+    if favoured is not None and len([mode for mode in products if mode in MODES]) > 1:
+        reason = "the lowest server p99 relative to the baseline" if has_load else "the lowest p99 lateness"
+        sentences.append(f"On this machine and workload, {favoured} gave {reason}.")
+    if min(summary[mode]["runs_measured"] for mode in products) < 2:
+        sentences.append("With one repetition per mode, these figures carry no estimate of their noise.")
+    elif favoured is not None:
+        others = [mode for mode in products if mode != favoured]
+        sentences.append(_paired_comparison(summary, favoured, others, key))
     return " ".join(sentence for sentence in sentences if sentence)
 
 
@@ -304,32 +327,42 @@ def _blocking_phrase(settings: dict[str, Any]) -> str:
     return f" and a {blocking:g} ms blocking call in every poll" if blocking else ""
 
 
-def _overlap_warning(summary: dict[str, dict[str, Any]], modes: Sequence[str], key: str) -> str:
-    ranges = [
-        (summary[mode][key]["min"], summary[mode][key]["max"], mode)
-        for mode in modes
-        if summary[mode][key]["median"] is not None
-    ]
-    if len(ranges) < 2 or min(summary[mode]["runs_measured"] for mode in modes) < 2:
-        return "With one repetition per mode, these figures carry no estimate of their noise."
-    ranges.sort()
-    # Sorted by their minimum, two neighbours overlap when the second starts
-    # before the first ends.
-    overlapping = [
-        (first[2], second[2])
-        for first, second in itertools.pairwise(ranges)
-        if second[0] <= first[1]
-    ]
-    if not overlapping:
+def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Sequence[str], key: str) -> str:
+    """Count the repetitions in which ``best`` had the lower figure, against each of ``others``."""
+    mine = summary[best]["by_repetition"][key]
+    parts = []
+    uncertain = False
+    for other in others:
+        theirs = summary[other]["by_repetition"][key]
+        pairs = [
+            (mine[repetition], theirs[repetition])
+            for repetition in mine
+            if mine[repetition] is not None
+            and theirs.get(repetition) is not None
+            and mine[repetition] != theirs[repetition]
+        ]
+        if len(pairs) < 2:
+            continue
+        wins = sum(1 for own, their in pairs if own < their)
+        chance = sign_test(wins, len(pairs))
+        uncertain = uncertain or chance >= SIGNIFICANCE
+        parts.append(f"in {wins} of {len(pairs)} against {other} (sign test p = {chance:.2g})")
+    if not parts:
         return ""
-    pairs = ", ".join(f"{a} and {b}" for a, b in overlapping)
-    return f"The {_LABELS[key]} ranges of {pairs} overlap across repetitions, so that difference is within the noise."
+    text = f"Repetition by repetition, {best} had the lower {PAIRED[key]} {_join(parts)}."
+    if uncertain:
+        text += (
+            f" At p = {SIGNIFICANCE:g} or above, noise alone could explain the split,"
+            " so more --repeat is needed to rank those modes."
+        )
+    return text
 
 
-def _recommendation(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> str:
+def _best_mode(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> str | None:
+    """Pick the bgapi mode the figures favour: most of its runs done, then the lowest primary figure."""
     candidates = [mode for mode in modes if mode in MODES]
     if not candidates:
-        return ""
+        return None
     primary = "server_p99_ratio" if has_load else "lateness_p99_ms"
 
     def score(mode: str) -> tuple[float, float, float]:
@@ -339,11 +372,7 @@ def _recommendation(summary: dict[str, dict[str, Any]], modes: Sequence[str], ha
         # Missing a tenth of the schedule outweighs any latency gain.
         return (0.0 if done >= 0.9 else 1.0, first if first is not None else float("inf"), second or 0.0)
 
-    best = min(candidates, key=score)
-    if len(candidates) == 1:
-        return ""
-    reason = "the lowest server p99 relative to the baseline" if has_load else "the lowest p99 lateness"
-    return f"On this machine and workload, {best} gave {reason}."
+    return min(candidates, key=score)
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["Spread", "histogram", "percentiles", "spread"]
+__all__ = ["Spread", "histogram", "percentiles", "sign_test", "spread"]
 
 # Histogram bucket edges in milliseconds: 0, then log-spaced from 10 µs to 100 s.
 HISTOGRAM_EDGES_MS: tuple[float, ...] = (0.0,) + tuple(
@@ -82,3 +82,17 @@ def _short(value: float) -> str:
     if magnitude >= 1:
         return f"{value:.2f}"
     return f"{value:.3f}"
+
+
+def sign_test(wins: int, trials: int) -> float:
+    """Return the two-sided p-value of ``wins`` out of ``trials`` paired comparisons.
+
+    It is the probability of a split at least this uneven when each side
+    wins a pair with probability 1/2, as it does when nothing but noise
+    separates the two.
+    """
+    if trials <= 0:
+        return 1.0
+    fewer = min(wins, trials - wins)
+    tail = sum(math.comb(trials, count) for count in range(fewer + 1)) / 2**trials
+    return min(1.0, 2 * tail)
