@@ -191,7 +191,8 @@ def poll_once(
 ) -> None:
     """Poll every enabled target (or one) once, store and print the results.
 
-    Exits 0 when every polled target is up, 1 when any is down or unknown.
+    Exits 0 when every polled target is up, 1 when any is down or unknown, and 2
+    when the configuration or the --target name is invalid.
     """
     from bgapi.logs import setup_logging
     from bgapi.oneshot import poll_all, print_json, print_table
@@ -245,7 +246,11 @@ def compare(
     ] = 0.0,
     repeat: Annotated[int, typer.Option(min=1, help="Repetitions of each mode, interleaved.")] = 3,
     http_client: Annotated[
-        HttpClient, typer.Option(help="Transport under httpx in the measured server (poller.http_client).")
+        HttpClient,
+        typer.Option(
+            help="Transport under httpx in the measured server, like http_client in the "
+            "config's poller table."
+        ),
     ] = HttpClient.auto,
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also run the server without a poller, for the ratios.")
