@@ -371,8 +371,9 @@ class Config(_Section):
     def startup_warnings(self) -> list[str]:
         """Describe settings that are allowed but probably not what the user meant.
 
-        A warning that applies to many targets names the first
-        ``MAX_WARNED_TARGETS`` of them, then counts the rest in one line.
+        A warning that applies to more than ``MAX_WARNED_TARGETS + 1`` targets
+        names the first ``MAX_WARNED_TARGETS`` of them and counts the rest in
+        one line. With fewer, every target is named.
         """
         fast: list[str] = []
         slow: list[str] = []
@@ -402,7 +403,11 @@ class Config(_Section):
 
 
 def _first_warnings(warnings: list[str], problem: str) -> list[str]:
-    """Keep the first ``MAX_WARNED_TARGETS`` warnings and count the others in one more line."""
+    """Keep the first ``MAX_WARNED_TARGETS`` warnings and count the others in one more line.
+
+    One other warning is kept as it is, because a line that counts it would
+    be no shorter.
+    """
     if len(warnings) <= MAX_WARNED_TARGETS + 1:
         return warnings
     others = len(warnings) - MAX_WARNED_TARGETS
@@ -695,24 +700,38 @@ def _describe_validation_error(
         if isinstance(value, Mapping):  # a check across keys: the table is no help
             return f"{source}: {where}: {redact(message)}"
         return f"{source}: {where}: {redact(message)} (got {redact(_show(value))})"
-    fix = _number_fix(str(loc[-1]), value) if kind in _NUMBER_KINDS and isinstance(value, str) else ""
+    fix = ""
+    # A value that contains a secret gets no suggestion, which would repeat it.
+    if kind in _NUMBER_KINDS and isinstance(value, str) and redact(value) == value:
+        fix = _number_fix(str(loc[-1]), value, whole=kind.startswith("int"))
     return f"{source}: {where}: {_describe_kind(kind, ctx, error['msg'])}, got {redact(_show(value))}{fix}"
 
 
 _NUMBER_KINDS = {"float_type", "float_parsing", "int_type", "int_parsing"}
-# Units that a number written as a string may carry; durations in the config are in seconds.
+# Keys whose values are durations in seconds, so that a unit in a quoted value converts.
+_SECONDS_KEYS = {"interval", "timeout"}
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A longer quoted value gets no suggestion: it is no plausible setting, and
+# Python's int() rejects numbers of more than 4,300 digits.
+_MAX_SUGGESTED_CHARS = 20
 
 
-def _number_fix(key: str, value: str) -> str:
+def _number_fix(key: str, value: str, whole: bool) -> str:
     """Suggest the bare number for a quoted one such as "2" or "30s", or return ""."""
+    if len(value) > _MAX_SUGGESTED_CHARS:
+        return ""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*", value)
     if match is None:
         return ""
-    if match[2] is None:
-        return f"; remove the quotes: {key} = {match[1]}"
-    seconds = float(match[1]) * _SECONDS_PER_UNIT[match[2]]
-    return f"; write the seconds as a bare number: {key} = {seconds:g}"
+    number, unit = match[1], match[2]
+    if unit is None:
+        if whole and "." in number:
+            return ""
+        return f"; remove the quotes: {key} = {number}"
+    if key not in _SECONDS_KEYS:
+        return ""
+    seconds = float(number) * _SECONDS_PER_UNIT[unit]
+    return f"; write the seconds as a bare number: {key} = {seconds:.15g}"
 
 
 def _is_internal_loc(part: Any) -> bool:

@@ -405,6 +405,7 @@ def test_few_repeated_warnings_are_all_listed() -> None:
         ({"interval": "5m"}, "got '5m'; write the seconds as a bare number: interval = 300"),
         ({"timeout": "500ms"}, "got '500ms'; write the seconds as a bare number: timeout = 0.5"),
         ({"failure_threshold": "2"}, "got '2'; remove the quotes: failure_threshold = 2"),
+        ({"interval": "1234567s"}, "write the seconds as a bare number: interval = 1234567"),
     ],
 )
 def test_quoted_number_error_suggests_fix(field: dict, expected: str) -> None:
@@ -415,11 +416,42 @@ def test_quoted_number_error_suggests_fix(field: dict, expected: str) -> None:
     assert caught.value.problems[0].endswith(expected)
 
 
-def test_non_number_string_gets_no_fix() -> None:
+@pytest.mark.parametrize(
+    ("field", "expected_end"),
+    [
+        ({"interval": "soon"}, "must be a number, got 'soon'"),
+        # A unit converts only for durations, and a whole number must stay whole.
+        ({"failure_threshold": "2s"}, "must be a whole number, got '2s'"),
+        ({"failure_threshold": "2.5"}, "must be a whole number, got '2.5'"),
+        ({"interval": "9" * 30}, f"must be a number, got '{'9' * 30}'"),
+    ],
+)
+def test_quoted_value_without_safe_fix(field: dict, expected_end: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        config_from_dict({"targets": [{"name": "a", "url": "http://127.0.0.1/", "interval": "soon"}]})
+        config_from_dict({"targets": [{"name": "a", "url": "http://127.0.0.1/", **field}]})
 
-    assert caught.value.problems[0].endswith("must be a number, got 'soon'")
+    assert caught.value.problems[0].endswith(expected_end)
+
+
+def test_unit_not_converted_for_byte_limit() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"poller": {"max_body_bytes": "1m"}})
+
+    assert caught.value.problems[0].endswith("must be a whole number, got '1m'")
+
+
+def test_quoted_secret_gets_no_fix(tmp_path: Path) -> None:
+    path = tmp_path / "secret.toml"
+    path.write_text(
+        '[[targets]]\nname = "a"\nurl = "http://127.0.0.1/"\ninterval = "${SECRET_INTERVAL}"\n',
+        encoding="utf-8",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"SECRET_INTERVAL": "987654321"})
+
+    assert "987654321" not in str(caught.value)
+    assert caught.value.problems[0].endswith("must be a number, got '***'")
 
 
 def test_config_error_lists_problems() -> None:
