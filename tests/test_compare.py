@@ -98,9 +98,9 @@ def test_smoke_poll_modes_ran_on_schedule(smoke: tuple[dict, str]) -> None:
         assert run["runner_state"] == "stopped", run["mode"]
 
 
-def test_smoke_baseline_serves_same_responses(smoke: tuple[dict, str]) -> None:
+def test_smoke_baseline_returns_last_results(smoke: tuple[dict, str]) -> None:
     # The baseline's store is seeded with one result per target, so its API
-    # returns responses of the same size as a polling server's.
+    # returns each last result too. Only the next run and the lateness stay null.
     document, _ = smoke
     sizes = {run["mode"]: run["server"]["mean_body_bytes"] for run in document["runs"]}
     assert sizes["baseline"] > 0
@@ -414,6 +414,46 @@ def test_verdict_reports_cpu_tie() -> None:
 
     assert "used the same CPU per 1000 polls (1.60 s)" in text
     assert "the most" not in text
+
+
+def test_verdict_without_baseline_ranks_raw_p99() -> None:
+    modes = ["process", "thread"]
+    runs = [run for run in _paired_runs([6.0, 6.0, 6.0], [5.0, 5.0, 5.0]) if run["mode"] != "baseline"]
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+
+    text = verdict(summarize(runs, modes), modes, settings)
+
+    assert "thread gave the lowest server p99." in text
+    assert "relative to the baseline." not in text
+
+
+def test_verdict_qualifies_a_mode_chosen_for_completion() -> None:
+    modes = ["baseline", "process", "thread"]
+    runs = _paired_runs([9.0, 9.0, 9.0], [5.0, 5.0, 5.0])
+    for run in runs:
+        if run["mode"] == "thread":
+            run["runs_done_ratio"] = 0.5
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+
+    text = verdict(summarize(runs, modes), modes, settings)
+
+    assert "process gave the lowest server p99 relative to the baseline of the modes that completed" in text
+    assert "in 0 of 3 against thread" in text
+
+
+def test_verdict_names_mode_with_one_measured_run() -> None:
+    modes = ["baseline", "process", "thread"]
+    runs = [
+        run
+        for run in _paired_runs([5.0, 5.0, 5.0], [8.0, 8.0, 8.0])
+        if not (run["mode"] == "thread" and run["repetition"] > 0)
+    ]
+    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+
+    text = verdict(summarize(runs, modes), modes, settings)
+
+    assert "With one measured repetition of thread" in text
+    assert "With one repetition per mode" not in text
 
 
 def test_verdict_warns_about_one_repetition() -> None:

@@ -75,6 +75,8 @@ EXTRA_CPU = "extra_cpu_s_per_1000_polls"
 # in its sentences. Modes in one repetition ran minutes apart at most, so a
 # paired comparison is less exposed to the machine's drift than min-max ranges.
 PAIRED: dict[str, str] = {"server_p99_ms": "server p99", "lateness_p99_ms": "p99 lateness"}
+# A mode that completed a smaller share of its scheduled runs ranks after every mode that did not.
+COMPLETE_SHARE = 0.9
 # Below this sign-test p-value the verdict calls a ranking unlikely to be noise.
 SIGNIFICANCE = 0.05
 
@@ -292,16 +294,25 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
             f"{cpu[-1][1]} the most ({cpu[-1][0]:.2f} s)."
         )
 
-    key = "server_p99_ms" if has_load else "lateness_p99_ms"
-    favoured = _best_mode(summary, products, has_load)
-    if favoured is not None and len([mode for mode in products if mode in MODES]) > 1:
-        reason = "the lowest server p99 relative to the baseline" if has_load else "the lowest p99 lateness"
+    primary, reason = _ranking(summary, products, has_load)
+    favoured = _best_mode(summary, products, primary)
+    candidates = [mode for mode in products if mode in MODES]
+    if favoured is not None and len(candidates) > 1:
+        lowest = min(candidates, key=lambda mode: _median(summary, mode, primary) or float("inf"))
+        if _median(summary, lowest, primary) != _median(summary, favoured, primary):
+            reason += f" of the modes that completed at least {COMPLETE_SHARE:.0%} of their runs"
         sentences.append(f"On this machine and workload, {favoured} gave {reason}.")
-    if min(summary[mode]["runs_measured"] for mode in products) < 2:
+    single = [mode for mode in products if summary[mode]["runs_measured"] < 2]
+    if single and len(single) == len(products):
         sentences.append("With one repetition per mode, these figures carry no estimate of their noise.")
-    elif favoured is not None:
+    elif single:
+        sentences.append(
+            f"With one measured repetition of {_join(single)}, its figures carry no estimate of their noise."
+        )
+    if favoured is not None and len(single) < len(products):
         others = [mode for mode in products if mode != favoured]
-        sentences.append(_paired_comparison(summary, favoured, others, key))
+        paired_key = "server_p99_ms" if has_load else "lateness_p99_ms"
+        sentences.append(_paired_comparison(summary, favoured, others, paired_key))
     return " ".join(sentence for sentence in sentences if sentence)
 
 
@@ -358,19 +369,29 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
     return text
 
 
-def _best_mode(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> str | None:
-    """Pick the bgapi mode the figures favour: most of its runs done, then the lowest primary figure."""
+def _ranking(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> tuple[str, str]:
+    """Return the summary key that ranks the modes, and the phrase for the best of them."""
+    if not has_load:
+        return "lateness_p99_ms", "the lowest p99 lateness"
+    if any(_median(summary, mode, "server_p99_ratio") is not None for mode in modes):
+        return "server_p99_ratio", "the lowest server p99 relative to the baseline"
+    # Without a baseline run (--no-baseline) there are no ratios to rank by.
+    return "server_p99_ms", "the lowest server p99"
+
+
+def _best_mode(summary: dict[str, dict[str, Any]], modes: Sequence[str], primary: str) -> str | None:
+    """Pick the bgapi mode the figures favour: most of its runs done, then the lowest ``primary``."""
     candidates = [mode for mode in modes if mode in MODES]
     if not candidates:
         return None
-    primary = "server_p99_ratio" if has_load else "lateness_p99_ms"
 
     def score(mode: str) -> tuple[float, float, float]:
         done = _median(summary, mode, "runs_done_ratio") or 0.0
         first = _median(summary, mode, primary)
         second = _median(summary, mode, "lateness_p99_ms")
         # Missing a tenth of the schedule outweighs any latency gain.
-        return (0.0 if done >= 0.9 else 1.0, first if first is not None else float("inf"), second or 0.0)
+        incomplete = 0.0 if done >= COMPLETE_SHARE else 1.0
+        return (incomplete, first if first is not None else float("inf"), second or 0.0)
 
     return min(candidates, key=score)
 
