@@ -298,8 +298,8 @@ def verdict(summary: dict[str, dict[str, Any]], modes: Sequence[str], settings: 
     favoured = _best_mode(summary, products, primary)
     candidates = [mode for mode in products if mode in MODES]
     if favoured is not None and len(candidates) > 1:
-        lowest = min(candidates, key=lambda mode: _median(summary, mode, primary) or float("inf"))
-        if _median(summary, lowest, primary) != _median(summary, favoured, primary):
+        values = [value for mode in candidates if (value := _median(summary, mode, primary)) is not None]
+        if values and _median(summary, favoured, primary) != min(values):
             reason += f" of the modes that completed at least {COMPLETE_SHARE:.0%} of their runs"
         sentences.append(f"On this machine and workload, {favoured} gave {reason}.")
     single = [mode for mode in products if summary[mode]["runs_measured"] < 2]
