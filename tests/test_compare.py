@@ -383,22 +383,27 @@ def _paired_runs(process_p99: list[float], thread_p99: list[float]) -> list[dict
     return runs
 
 
+PAIRED_MODES = ["baseline", "process", "thread"]
+LOAD_SETTINGS = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
+
+
+def _loaded_verdict(runs: list[dict], modes: list[str] = PAIRED_MODES) -> str:
+    """Return the verdict on ``runs`` measured under API load."""
+    return verdict(summarize(runs, modes), modes, LOAD_SETTINGS)
+
+
 def test_verdict_counts_paired_repetitions() -> None:
-    modes = ["baseline", "process", "thread"]
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
     # Thread is lower in one repetition of ten, so process wins 9 of 10 (p = 0.021).
-    summary = summarize(_paired_runs([5.0] * 10, [8.0] * 9 + [4.5]), modes)
-    text = verdict(summary, modes, settings)
+    text = _loaded_verdict(_paired_runs([5.0] * 10, [8.0] * 9 + [4.5]))
+
     assert "process gave the lowest server p99" in text
     assert "process had the lower server p99 in 9 of 10 against thread (sign test p = 0.021)" in text
     assert "more --repeat" not in text
 
 
 def test_verdict_flags_a_split_that_noise_explains() -> None:
-    modes = ["baseline", "process", "thread"]
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
-    summary = summarize(_paired_runs([5.0, 5.0, 9.0, 5.0], [8.0, 8.0, 6.0, 4.0]), modes)
-    text = verdict(summary, modes, settings)
+    text = _loaded_verdict(_paired_runs([5.0, 5.0, 9.0, 5.0], [8.0, 8.0, 6.0, 4.0]))
+
     assert "in 2 of 4 against thread (sign test p = 1)" in text
     assert "more --repeat is needed" in text
 
@@ -417,49 +422,42 @@ def test_verdict_reports_cpu_tie() -> None:
 
 
 def test_verdict_without_baseline_ranks_raw_p99() -> None:
-    modes = ["process", "thread"]
     runs = [run for run in _paired_runs([6.0, 6.0, 6.0], [5.0, 5.0, 5.0]) if run["mode"] != "baseline"]
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
 
-    text = verdict(summarize(runs, modes), modes, settings)
+    text = _loaded_verdict(runs, ["process", "thread"])
 
     assert "thread gave the lowest server p99." in text
     assert "relative to the baseline." not in text
 
 
 def test_verdict_qualifies_a_mode_chosen_for_completion() -> None:
-    modes = ["baseline", "process", "thread"]
     runs = _paired_runs([9.0, 9.0, 9.0], [5.0, 5.0, 5.0])
     for run in runs:
         if run["mode"] == "thread":
             run["runs_done_ratio"] = 0.5
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
 
-    text = verdict(summarize(runs, modes), modes, settings)
+    text = _loaded_verdict(runs)
 
     assert "process gave the lowest server p99 relative to the baseline of the modes that completed" in text
     assert "in 0 of 3 against thread" in text
 
 
 def test_verdict_names_mode_with_one_measured_run() -> None:
-    modes = ["baseline", "process", "thread"]
     runs = [
         run
         for run in _paired_runs([5.0, 5.0, 5.0], [8.0, 8.0, 8.0])
         if not (run["mode"] == "thread" and run["repetition"] > 0)
     ]
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
 
-    text = verdict(summarize(runs, modes), modes, settings)
+    text = _loaded_verdict(runs)
 
     assert "With one measured repetition of thread" in text
     assert "With one repetition per mode" not in text
 
 
 def test_verdict_warns_about_one_repetition() -> None:
-    modes = ["baseline", "process", "thread"]
-    settings = {"load": 5, "rate": 0, "targets": 1, "interval_s": 1.0}
-    text = verdict(summarize(_paired_runs([5.0], [8.0]), modes), modes, settings)
+    text = _loaded_verdict(_paired_runs([5.0], [8.0]))
+
     assert "With one repetition per mode" in text
     assert "Repetition by repetition" not in text
 

@@ -296,7 +296,9 @@ def _seed_store(config_path: Path, log: IO[bytes], log_path: Path) -> None:
             check=False,
         )
     except subprocess.TimeoutExpired as error:
-        raise CompareError(f"seeding the baseline's store timed out after {SEED_TIMEOUT_S:g} s; see {log_path}") from error
+        raise CompareError(
+            f"seeding the baseline's store timed out after {SEED_TIMEOUT_S:g} s; see {log_path}"
+        ) from error
     # Exit code 1 means that a target was down, and its result is stored all the same.
     if completed.returncode not in (0, 1):
         raise CompareError(
@@ -345,25 +347,27 @@ def _tree(process: Any) -> list[Any]:
         return [process]
 
 
-def _cpu_seconds(process: Any) -> float:
+def _tree_total(process: Any, measure: Callable[[Any], float]) -> float:
+    """Add up ``measure`` over the process tree, skipping members that exited meanwhile."""
     import psutil
 
     total = 0.0
     for member in _tree(process):
         with contextlib.suppress(psutil.Error):
-            times = member.cpu_times()
-            total += times.user + times.system
+            total += measure(member)
     return total
+
+
+def _cpu_seconds(process: Any) -> float:
+    def user_and_system(member: Any) -> float:
+        times = member.cpu_times()
+        return float(times.user + times.system)
+
+    return _tree_total(process, user_and_system)
 
 
 def _tree_rss(process: Any) -> int:
-    import psutil
-
-    total = 0
-    for member in _tree(process):
-        with contextlib.suppress(psutil.Error):
-            total += member.memory_info().rss
-    return total
+    return int(_tree_total(process, lambda member: member.memory_info().rss))
 
 
 def _poller_counts(port: int) -> dict[str, int]:
