@@ -16,7 +16,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,9 @@ class Store:
 
     def results(self, target: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the newest ``limit`` results of ``target``, newest first."""
-        rows = self._connect_for_reading().execute(
-            "SELECT * FROM results WHERE target = ? ORDER BY id DESC LIMIT ?", (target, limit)
-        )
-        return [_result_row(row) for row in rows]
+        query = "SELECT * FROM results WHERE target = ? ORDER BY id DESC LIMIT ?"
+        with self._reading() as connection:
+            return [_result_row(row) for row in connection.execute(query, (target, limit))]
 
     def states(self, after_result_id: int = 0) -> dict[str, dict[str, Any]]:
         """Return the stored state of every target, with its last :class:`PollResult`.
@@ -250,7 +249,8 @@ class Store:
         if after_result_id:
             query += " WHERE s.last_result_id > ?"
             parameters = (after_result_id,)
-        rows = self._connect_for_reading().execute(query, parameters)
+        with self._reading() as connection:
+            rows = connection.execute(query, parameters).fetchall()
         states = {}
         for row in rows:
             states[row["target"]] = {
@@ -266,11 +266,11 @@ class Store:
 
     def count(self, target: str | None = None) -> int:
         """Return how many results are stored, for one target or all."""
-        connection = self._connect_for_reading()
-        if target is None:
-            return int(connection.execute("SELECT count(*) FROM results").fetchone()[0])
-        query = "SELECT count(*) FROM results WHERE target = ?"
-        return int(connection.execute(query, (target,)).fetchone()[0])
+        with self._reading() as connection:
+            if target is None:
+                return int(connection.execute("SELECT count(*) FROM results").fetchone()[0])
+            query = "SELECT count(*) FROM results WHERE target = ?"
+            return int(connection.execute(query, (target,)).fetchone()[0])
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
@@ -280,6 +280,19 @@ class Store:
         # dies, only on power loss, and avoids an fsync per commit.
         connection.execute("PRAGMA synchronous=NORMAL")
         return connection
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """Yield this thread's read connection, turning every SQLite error into StoreError.
+
+        A read can fail after it started: the file locked for longer than
+        the timeout, a disk error, or close() on another thread.
+        """
+        connection = self._connect_for_reading()
+        try:
+            yield connection
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store {str(self.path)!r}: {exc}") from None
 
     def _connect_for_reading(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)

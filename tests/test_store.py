@@ -267,6 +267,21 @@ def test_close_closes_every_thread_reader(tmp_path: Path) -> None:
     assert not Path(f"{path}-wal").exists()
 
 
+def test_read_error_raises_store_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "race.db")
+    store.open()
+    try:
+        # close() on another thread can close a read connection between its
+        # lookup and the query. Closing it here has the same effect.
+        store._connect_for_reading().close()
+
+        for read in (lambda: store.results("a"), store.states, store.count):
+            with pytest.raises(StoreError, match="cannot read the store .*closed database"):
+                read()
+    finally:
+        store.close()
+
+
 def test_reader_reconnects_after_close(tmp_path: Path) -> None:
     store = Store(tmp_path / "reopen.db")
     store.open()
