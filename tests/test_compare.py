@@ -405,7 +405,17 @@ def test_verdict_flags_a_split_that_noise_explains() -> None:
     text = _loaded_verdict(_paired_runs([5.0, 5.0, 9.0, 5.0], [8.0, 8.0, 6.0, 4.0]))
 
     assert "in 2 of 4 against thread (sign test p = 1)" in text
-    assert "more --repeat is needed" in text
+    assert "with fewer than 6 repetitions no split can reach p < 0.05" in text
+    assert "rerun with --repeat 6 or more" in text
+
+
+def test_verdict_asks_for_more_repeats() -> None:
+    # 5 of 8 is p = 0.73: enough repetitions could tell, these do not.
+    text = _loaded_verdict(_paired_runs([5.0] * 5 + [9.0] * 3, [8.0] * 8))
+
+    assert "in 5 of 8 against thread (sign test p = 0.73)" in text
+    assert "so more --repeat is needed to rank those modes" in text
+    assert "fewer than 6 repetitions" not in text
 
 
 def test_verdict_reports_cpu_tie() -> None:

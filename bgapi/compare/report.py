@@ -343,6 +343,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
     mine = summary[best]["by_repetition"][key]
     parts = []
     uncertain = False
+    most_pairs = 0
     for other in others:
         theirs = summary[other]["by_repetition"][key]
         pairs = [
@@ -354,6 +355,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
         ]
         if len(pairs) < 2:
             continue
+        most_pairs = max(most_pairs, len(pairs))
         wins = sum(1 for own, their in pairs if own < their)
         chance = sign_test(wins, len(pairs))
         uncertain = uncertain or chance >= SIGNIFICANCE
@@ -362,11 +364,24 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
         return ""
     text = f"Repetition by repetition, {best} had the lower {PAIRED[key]} {_join(parts)}."
     if uncertain:
-        text += (
-            f" At p = {SIGNIFICANCE:g} or above, noise alone could explain the split,"
-            " so more --repeat is needed to rank those modes."
-        )
+        text += f" At p = {SIGNIFICANCE:g} or above, noise alone could explain the split,"
+        needed = _pairs_for_significance()
+        if most_pairs < needed:
+            text += (
+                f" and with fewer than {needed} repetitions no split can reach p < {SIGNIFICANCE:g}:"
+                f" rerun with --repeat {needed} or more to rank those modes."
+            )
+        else:
+            text += " so more --repeat is needed to rank those modes."
     return text
+
+
+def _pairs_for_significance() -> int:
+    """Return the fewest repetitions in which a clean sweep reaches p < SIGNIFICANCE."""
+    pairs = 1
+    while sign_test(pairs, pairs) >= SIGNIFICANCE:
+        pairs += 1
+    return pairs
 
 
 def _ranking(summary: dict[str, dict[str, Any]], modes: Sequence[str], has_load: bool) -> tuple[str, str]:
