@@ -2,7 +2,7 @@
 # Produce every table of BENCHMARKS.md. Run it from the repository root on a
 # quiet machine, with bgapi installed (pip install -e '.[compare,plot,apscheduler]').
 # Results (JSON, PNG, text) go to benchmarks/results/ (or $OUT). With the
-# defaults (DURATION=20 s windows, REPEAT=3) it takes about 50 minutes.
+# defaults (DURATION=20 s windows, REPEAT=3) it takes about 75 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -40,5 +40,10 @@ python benchmarks/scale.py --modes thread,asyncio,apscheduler --duration "$D" --
 python benchmarks/http_clients.py --seconds 3 | tee "$OUT/http_clients.txt"
 # 10. Start-up of the CLI.
 for i in 1 2 3 4 5; do /usr/bin/time -f "bgapi --help: %e s" bgapi --help > /dev/null; done 2>&1 | tee "$OUT/help.txt"
-# 11. The Markdown tables of every comparison, for BENCHMARKS.md.
+# 11. The process mode beside the thread mode, ten repetitions of 10 s: half of the capacity, then saturated.
+run half-grouped --modes thread,process --targets 50 --interval 1 --duration 10 --load 50 --rate 50% --repeat 10
+run saturated-grouped-a --modes thread,process --targets 50 --interval 1 --duration 10 --load 100 --repeat 10
+# 12. CPU per poll of the process mode's child, with and without its fewer wake-ups.
+python benchmarks/wakeups.py | tee "$OUT/wakeups.txt"
+# 13. The Markdown tables of every comparison, for BENCHMARKS.md.
 python benchmarks/tables.py "$OUT"/*.json > "$OUT/tables.md"

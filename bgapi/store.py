@@ -104,10 +104,24 @@ _STOP = object()
 class Store:
     """A SQLite file of poll results and the last known state of each target."""
 
-    def __init__(self, path: str | Path, retention: int = 1000) -> None:
+    def __init__(self, path: str | Path, retention: int = 1000, commit_delay_s: float = 0.0) -> None:
+        """Set up a store for the file at ``path``, which :meth:`open` creates or opens.
+
+        Args:
+            path: The SQLite file.
+            retention: Results kept per target; older ones are pruned.
+            commit_delay_s: How long the writer waits after a result arrives
+                before it commits, to gather the results that follow into the
+                same transaction. Each commit wakes the writer thread and each
+                waiting event loop, so a delay saves CPU when results arrive
+                one at a time, and delays every result by up to this much.
+        """
         self.path = Path(path)
         self.retention = retention
+        self.commit_delay_s = commit_delay_s
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        # Set by close(), so that a writer waiting out the commit delay commits at once.
+        self._closing = threading.Event()
         self._writer: threading.Thread | None = None
         self._local = threading.local()
         # Every thread's read connection, so that close() can close them all.
@@ -141,6 +155,7 @@ class Store:
                 f"cannot open the store {str(self.path)!r}: {exc}; check that the directory "
                 "exists and that it and the file are writable, or set [store] path"
             ) from None
+        self._closing.clear()
         self._writer = threading.Thread(
             target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
         )
@@ -165,6 +180,7 @@ class Store:
     def close(self) -> None:
         """Commit what is queued, stop the writer thread and close connections."""
         if self._writer is not None:
+            self._closing.set()
             self._queue.put(_STOP)
             self._writer.join(CLOSE_TIMEOUT_S)
             if self._writer.is_alive():
@@ -175,6 +191,11 @@ class Store:
         for connection in readers:
             connection.close()
         self._local.connection = None
+
+    @property
+    def queued(self) -> int:
+        """The number of writes waiting for the writer thread (approximate)."""
+        return self._queue.qsize()
 
     async def save(self, result: PollResult, status: TargetStatus) -> None:
         """Store ``result`` and the target's state; return once both are committed.
@@ -315,6 +336,9 @@ class Store:
                 stopping = item is _STOP
                 if not stopping:
                     batch.append(item)  # type: ignore[arg-type]
+                    if self.commit_delay_s > 0:
+                        # Not a get() with a timeout: each put() would wake it.
+                        self._closing.wait(self.commit_delay_s)
                 while len(batch) < MAX_BATCH:
                     try:
                         item = self._queue.get_nowait()

@@ -15,7 +15,11 @@ from helpers import ConfigWriter, run_bgapi, wait_until
 from upstream import Upstream
 
 from bgapi import BackgroundPoller
+from bgapi.config import config_from_dict
 from bgapi.errors import RunnerError
+from bgapi.poller import LoopResources
+from bgapi.runners.process import _ReportingPoller
+from bgapi.store import Store
 
 
 def _alive(pid: int) -> bool:
@@ -73,7 +77,10 @@ def test_dead_child_reported_api_serves(
     config = make_config(targets=[{"name": "up", "url": upstream.url("/ok"), "interval": 0.1}])
 
     with run_bgapi(config, "--mode", "process") as bgapi:
-        pid = bgapi.wait_for(lambda doc: doc["runs"] >= 1, "/api/poller")["poller_pid"]
+        # SIGKILL loses the results that the child has not committed yet, so
+        # wait until one is committed and shown.
+        bgapi.wait_for(lambda doc: doc[0]["state"] == "up", "/api/targets")
+        pid = bgapi.get("/api/poller").json()["poller_pid"]
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: bgapi.get("/healthz").status_code == 503, 5.0), bgapi.output()
         health = bgapi.get("/healthz").json()
@@ -138,3 +145,48 @@ def test_process_mode_rejects_jobs(tmp_path: Path) -> None:
     with pytest.raises(RunnerError, match="runs HTTP targets only.*use the thread or asyncio mode"):
         asyncio.run(poller.start())
     assert not poller.started
+
+
+def _check_once(config: Any, poller: Any) -> bool:
+    """Poll the config's first target once with ``poller`` on a new event loop."""
+
+    async def check() -> bool:
+        resources = LoopResources(config)
+        try:
+            result = await asyncio.wait_for(poller.check(config.targets[0], resources), 30.0)
+        finally:
+            await resources.aclose()
+        return result.ok
+
+    return asyncio.run(check())
+
+
+def _stored_count(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM results").fetchone()[0]
+
+
+@pytest.mark.parametrize("max_uncommitted", [1000, 0])
+def test_child_poll_waits_only_when_backlogged(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, max_uncommitted: int
+) -> None:
+    config = config_from_dict(
+        {
+            "store": {"path": str(tmp_path / "bgapi.db")},
+            "targets": [{"name": "up", "url": upstream.url("/ok")}],
+        }
+    )
+    monkeypatch.setattr("bgapi.runners.process.MAX_UNCOMMITTED", max_uncommitted)
+    store = Store(config.store.path, commit_delay_s=0.5 if max_uncommitted == 0 else 600.0)
+    store.open()
+    poller = _ReportingPoller(config, store, mode="process")
+    try:
+        assert _check_once(config, poller)
+        # With room in the queue the poll returns before its commit, which a
+        # 600 s delay keeps off the disk. With a full queue it waits for it.
+        assert _stored_count(config.store.path) == (1 if max_uncommitted == 0 else 0)
+    finally:
+        store.close()
+
+    assert _stored_count(config.store.path) == 1
+    assert poller.store_error is None

@@ -25,7 +25,14 @@ from bgapi.config import Config, TargetConfig, config_from_dict
 from bgapi.jobs import job
 from bgapi.poll import PollResult
 from bgapi.poller import LoopResources, Poller
-from bgapi.schedule import MAX_SPREAD_S, latest_slot, next_slot, run_schedule, start_offsets
+from bgapi.schedule import (
+    MAX_GROUP_SIZE,
+    MAX_SPREAD_S,
+    latest_slot,
+    next_slot,
+    run_schedule,
+    start_offsets,
+)
 
 # Slot arithmetic ---------------------------------------------------------------------
 
@@ -99,6 +106,34 @@ def test_start_offsets_capped_for_long_intervals() -> None:
 def test_start_offsets_single_and_none() -> None:
     assert start_offsets(_targets(5.0)) == [0.0]
     assert start_offsets([]) == []
+
+
+def test_grouped_offsets_step_apart() -> None:
+    offsets = start_offsets(_targets(*[1.0] * 50), group_step_s=0.1)
+
+    starts = sorted(set(offsets))
+    assert len(starts) == 10
+    assert all(offsets.count(start) == 5 for start in starts)
+    assert starts == pytest.approx([index / 10 for index in range(10)])
+
+
+def test_grouped_offsets_few_targets_spread() -> None:
+    assert start_offsets(_targets(1.0, 1.0, 1.0, 1.0), group_step_s=0.1) == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_grouped_offsets_cap_group_size() -> None:
+    offsets = start_offsets(_targets(*[1.0] * 1000), group_step_s=0.1)
+
+    assert max(offsets.count(start) for start in set(offsets)) == MAX_GROUP_SIZE
+    assert len(set(offsets)) == 1000 // MAX_GROUP_SIZE
+    assert max(offsets) < 1.0
+
+
+def test_grouped_offsets_short_interval() -> None:
+    # An interval shorter than the step still gets one group, never an offset past it.
+    offsets = start_offsets(_targets(0.05, 0.05, 0.05), group_step_s=0.1)
+
+    assert offsets == [0.0, 0.0, 0.0]
 
 
 # run_schedule on a real event loop ---------------------------------------------------

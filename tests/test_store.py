@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from upstream import Upstream
 
 from bgapi.config import config_from_dict
@@ -248,6 +249,37 @@ def test_close_flushes_queue(tmp_path: Path) -> None:
     assert len(done) == 200
     assert all(error is None for error in done)
     assert _rows(tmp_path / "flush.db", "SELECT count(*) FROM results") == [(200,)]
+
+
+def test_commit_delay_gathers_results(tmp_path: Path) -> None:
+    store = Store(tmp_path / "delay.db", commit_delay_s=0.3)
+    store.open()
+    committed: list[float] = []
+    submitted = time.monotonic()
+    for index in range(5):
+        store.submit(_result("a", index), TargetStatus("a"), lambda error: committed.append(time.monotonic()))
+
+    assert wait_until(lambda: len(committed) == 5, 10.0)
+    store.close()
+
+    # One transaction after the delay, so no result committed before it ended.
+    assert min(committed) - submitted >= 0.3
+    assert _rows(tmp_path / "delay.db", "SELECT count(*) FROM results") == [(5,)]
+
+
+def test_close_ends_commit_delay(tmp_path: Path) -> None:
+    store = Store(tmp_path / "delay-close.db", commit_delay_s=60.0)
+    store.open()
+    done: list[BaseException | None] = []
+    for index in range(3):
+        store.submit(_result("a", index), TargetStatus("a"), done.append)
+    started = time.monotonic()
+
+    store.close()
+
+    assert time.monotonic() - started < 30.0
+    assert done == [None, None, None]
+    assert _rows(tmp_path / "delay-close.db", "SELECT count(*) FROM results") == [(3,)]
 
 
 def test_close_closes_every_thread_reader(tmp_path: Path) -> None:
