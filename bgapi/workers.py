@@ -16,8 +16,11 @@ directory: ``flock`` is not reliable on network file systems.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -341,6 +344,47 @@ def create_app_from_env() -> FastAPI:
     return app
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_new_processes() -> Iterator[None]:
+    """Start processes with SIGINT ignored meanwhile, and hold back this process's own SIGINT.
+
+    A process inherits an ignored signal across fork and exec, and Python
+    then leaves it ignored. This process blocks SIGINT meanwhile as well.
+    Linux keeps a blocked signal pending even while it is ignored, so it
+    reaches the restored handler at the end. Other systems may drop it.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class _WorkersIgnoreEarlySigint:
+    """A mixin for uvicorn's ``Multiprocess`` that starts every worker with SIGINT ignored.
+
+    Ctrl-C sends SIGINT to every process in the terminal's process group. A
+    worker that was still importing the app died of it with a
+    KeyboardInterrupt traceback. The supervisor stops its workers with
+    SIGTERM anyway, and a worker's uvicorn server handles SIGINT again once
+    it runs.
+    """
+
+    def init_processes(self) -> None:
+        with _sigint_ignored_by_new_processes():
+            super().init_processes()  # type: ignore[misc]
+
+    def restart_all(self) -> None:
+        with _sigint_ignored_by_new_processes():
+            super().restart_all()  # type: ignore[misc]
+
+    def keep_subprocess_alive(self) -> None:
+        with _sigint_ignored_by_new_processes():
+            super().keep_subprocess_alive()  # type: ignore[misc]
+
+
 def run_workers(
     config_path: str | os.PathLike[str],
     *,
@@ -384,8 +428,12 @@ def run_workers(
         factory=True,
         workers=workers,
     )
+
+    class Supervisor(_WorkersIgnoreEarlySigint, Multiprocess):
+        pass
+
     sock = config.bind_socket()
-    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor = Supervisor(config, sockets=[sock])
     try:
         supervisor.run()
     finally:

@@ -289,6 +289,37 @@ def run_bgapi(
         running.client.close()
 
 
+def interrupt_during_startup(config: Path, *args: str, after_line: str, delay_s: float) -> ProcessOutcome:
+    """Start ``bgapi run-all`` in a process group of its own, and Ctrl-C it during startup.
+
+    SIGINT goes to the whole group, as a terminal sends it, ``delay_s``
+    seconds after the output shows ``after_line``. The processes that bgapi
+    is starting then are still importing their modules.
+    """
+    log_path = config.with_suffix(".interrupted.log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bgapi", "run-all", "--config", str(config), "--port", str(free_port()), *args],
+            cwd=config.parent,
+            env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        logged = wait_until(lambda: after_line in log_path.read_text(errors="replace"), STARTUP_TIMEOUT_S, 0.005)
+        assert logged, f"{after_line!r} never appeared:\n{log_path.read_text(errors='replace')}"
+        time.sleep(delay_s)
+        start = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        returncode = process.wait(STOP_TIMEOUT_S)
+        return ProcessOutcome(returncode, time.monotonic() - start, log_path.read_text(errors="replace"))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(STOP_TIMEOUT_S)
+
+
 # The app in a thread ---------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ConfigWriter, run_bgapi, wait_until
+from helpers import ConfigWriter, interrupt_during_startup, run_bgapi, wait_until
 from upstream import Upstream
 
 from bgapi import BackgroundPoller
@@ -92,6 +92,20 @@ def test_dead_child_reported_api_serves(
     assert targets.status_code == 200
     assert targets.json()[0]["state"] == "up"
     assert "the process poller died and polls no more" in outcome.output
+
+
+def test_ctrl_c_while_child_starts(make_config: ConfigWriter, upstream: Upstream) -> None:
+    config = make_config(targets=[{"name": "up", "url": upstream.url("/ok"), "interval": 0.1}])
+
+    # The lifespan starts the child right after this line.
+    outcome = interrupt_during_startup(
+        config, "--mode", "process", after_line="Waiting for application startup", delay_s=0.1
+    )
+
+    assert outcome.returncode == 0, outcome.output
+    assert "Traceback" not in outcome.output
+    assert "exited during startup" not in outcome.output
+    assert "bgapi stopped" in outcome.output
 
 
 def test_child_stops_when_the_server_is_killed(

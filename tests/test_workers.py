@@ -20,7 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ConfigWriter, RunningBgapi, run_bgapi, serve_in_thread, wait_until
+from helpers import (
+    ConfigWriter,
+    RunningBgapi,
+    interrupt_during_startup,
+    run_bgapi,
+    serve_in_thread,
+    wait_until,
+)
 from upstream import Upstream
 
 from bgapi.background import BackgroundPoller
@@ -362,3 +369,17 @@ def test_killed_poller_worker_is_replaced(make_config: ConfigWriter, upstream: U
     assert resumed_s < 3.0, f"polling resumed after {resumed_s:.2f} s"
     assert "took the poller lock" in outcome.output
     assert outcome.returncode == 0, outcome.output
+
+
+def test_ctrl_c_while_workers_start(make_config: ConfigWriter, upstream: Upstream) -> None:
+    config = make_config(targets=[{"name": "up", "url": upstream.url("/ok"), "interval": 0.1}])
+
+    # uvicorn logs this line just before it starts the workers.
+    outcome = interrupt_during_startup(
+        config, "--workers", "2", after_line="Started parent process", delay_s=0.1
+    )
+
+    assert outcome.returncode == 0, outcome.output
+    assert "Traceback" not in outcome.output
+    assert "KeyboardInterrupt" not in outcome.output
+    assert "bgapi stopped" in outcome.output

@@ -134,6 +134,9 @@ class ProcessRunner(Runner):
                 [sys.executable, "-m", "bgapi.runners.process", str(write_fd), str(level).lower()],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
+                # Ctrl-C signals the terminal's process group, and would kill
+                # the child while it imports. The server stops it with SIGTERM.
+                process_group=0,
             )
         except BaseException:
             os.close(read_fd)
@@ -313,7 +316,8 @@ async def _serve(poller: _ReportingPoller, events: Connection) -> None:
 
 def _child_main(argv: list[str]) -> None:
     """Poll until SIGTERM or until the parent dies: ``python -m bgapi.runners.process FD LEVEL``."""
-    # Ctrl-C reaches the whole process group, but the server stops this process itself.
+    # The server stops this process with SIGTERM. A SIGINT sent to its own
+    # process group (the server starts it in a new one) must not stop it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(os, "nice"):
         os.nice(CHILD_NICENESS)
