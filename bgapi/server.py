@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from bgapi import __version__
 from bgapi.background import BackgroundPoller
 from bgapi.config import Config
+from bgapi.errors import StoreError
 from bgapi.jobs import Job
 from bgapi.poll import format_timestamp
 from bgapi.poller import Poller
@@ -234,8 +235,26 @@ def _add_routes(app: FastAPI | APIRouter, config: Config) -> None:
     def fresh_poller(request: Request) -> Poller:
         poller = poller_of(request)
         if serves_from_store(request):
-            poller.restore()
+            with store_errors_as_503():
+                poller.restore()
         return poller
+
+    # The last store read error that was logged, so that each is logged once.
+    logged_read_error: list[str | None] = [None]
+
+    @contextlib.contextmanager
+    def store_errors_as_503() -> Iterator[None]:
+        # A store that cannot be read (deleted, locked, a disk error) is a
+        # server-side failure that the client can retry.
+        try:
+            yield
+        except StoreError as exc:
+            message = config.redact(str(exc))
+            if message != logged_read_error[0]:
+                logger.warning("%s; requests that read the store get 503 until it can be read", message)
+                logged_read_error[0] = message
+            raise HTTPException(503, message) from None
+        logged_read_error[0] = None
 
     def status_or_404(request: Request, name: str) -> TargetStatus:
         status = poller_of(request).status(name)
@@ -278,7 +297,8 @@ def _add_routes(app: FastAPI | APIRouter, config: Config) -> None:
         status_or_404(request, name)
         poller = poller_of(request)
         assert poller.store is not None
-        return poller.store.results(name, limit)
+        with store_errors_as_503():
+            return poller.store.results(name, limit)
 
     @app.post("/api/targets/{name}/poll", response_model=ResultModel, responses=_NOT_FOUND)
     async def poll_target(request: Request, name: TargetName) -> dict[str, Any]:

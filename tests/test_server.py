@@ -18,7 +18,9 @@ from helpers import serve_in_thread, wait_until
 from upstream import Upstream
 
 from bgapi.config import Config, config_from_dict
+from bgapi.errors import StoreError
 from bgapi.server import create_app
+from bgapi.store import Store
 
 TARGET_KEYS = {
     "name",
@@ -393,3 +395,26 @@ def test_import_starts_nothing(tmp_path: Path) -> None:
     assert after == before
     assert sockets == 0
     assert list(tmp_path.iterdir()) == [], "no bgapi.db or other file created"
+
+
+def test_unreadable_store_gets_503(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path, upstream)
+    message = f"cannot read the store {str(config.store.path)!r}: disk I/O error"
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError(message)
+
+    with _client(config, poll=False) as client:
+        # The store is a collaborator here: the test checks the API's response.
+        monkeypatch.setattr(Store, "states", unreadable)
+        monkeypatch.setattr(Store, "results", unreadable)
+        responses = [client.get(path) for path in ("/api/targets", "/api/targets/ok", "/api/targets/ok/results")]
+        health = client.get("/healthz")
+
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": message}
+    assert health.status_code == 200
+    assert caplog.text.count(message) == 1
