@@ -68,6 +68,9 @@ INSERT INTO results (target, ok, scheduled_at, started_at, elapsed_ms, status_co
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
+# Two processes can write a target's state: the process mode's child and the
+# server, for a poll on request. A result that started before the one the
+# state already shows does not replace it, whichever commits last.
 _UPSERT_STATE = """
 INSERT INTO target_state (target, state, consecutive_successes, consecutive_failures,
                           last_success_at, last_change_at, last_result_id)
@@ -79,6 +82,11 @@ ON CONFLICT (target) DO UPDATE SET
     last_success_at = excluded.last_success_at,
     last_change_at = excluded.last_change_at,
     last_result_id = excluded.last_result_id
+WHERE NOT EXISTS (
+    SELECT 1 FROM results AS shown
+    WHERE shown.id = target_state.last_result_id
+      AND shown.started_at > (SELECT started_at FROM results WHERE id = excluded.last_result_id)
+)
 """
 
 _PRUNE = """
@@ -122,6 +130,10 @@ class Store:
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
         # Set by close(), so that a writer waiting out the commit delay commits at once.
         self._closing = threading.Event()
+        # The size of the batch that the writer is committing, 0 between batches,
+        # and whether it has taken the stop marker off the queue.
+        self._writing = 0
+        self._stop_taken = False
         self._writer: threading.Thread | None = None
         self._local = threading.local()
         # Every thread's read connection, so that close() can close them all.
@@ -156,6 +168,7 @@ class Store:
                 "exists and that it and the file are writable, or set [store] path"
             ) from None
         self._closing.clear()
+        self._stop_taken = False
         self._writer = threading.Thread(
             target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
         )
@@ -177,14 +190,25 @@ class Store:
                 "set [store] path to a new file"
             )
 
-    def close(self) -> None:
-        """Commit what is queued, stop the writer thread and close connections."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Commit what is queued, stop the writer thread and close connections.
+
+        A writer that has not committed everything within ``timeout`` seconds
+        (the file is locked or the disk stalls) is left behind, and the
+        results it still holds are logged as lost.
+        """
         if self._writer is not None:
             self._closing.set()
             self._queue.put(_STOP)
-            self._writer.join(CLOSE_TIMEOUT_S)
+            self._writer.join(timeout)
             if self._writer.is_alive():
-                logger.error("store writer did not finish within %.0f s", CLOSE_TIMEOUT_S)
+                # The queue may still hold the stop marker.
+                lost = max(0, self._queue.qsize() - (0 if self._stop_taken else 1)) + self._writing
+                logger.error(
+                    "the store writer did not finish within %g s; about %d results were not stored",
+                    timeout,
+                    lost,
+                )
             self._writer = None
         with self._readers_lock:
             readers, self._readers = self._readers, set()
@@ -334,6 +358,7 @@ class Store:
                 batch: list[_Write] = []
                 item = self._queue.get()
                 stopping = item is _STOP
+                self._stop_taken = stopping
                 if not stopping:
                     batch.append(item)  # type: ignore[arg-type]
                     if self.commit_delay_s > 0:
@@ -345,11 +370,13 @@ class Store:
                     except queue.Empty:
                         break
                     if item is _STOP:
-                        stopping = True
+                        stopping = self._stop_taken = True
                         continue
                     batch.append(item)  # type: ignore[arg-type]
                 if batch:
+                    self._writing = len(batch)
                     self._write_batch(connection, batch)
+                    self._writing = 0
                 if stopping and self._queue.empty():
                     return
         finally:
@@ -379,10 +406,11 @@ class Store:
                     connection.execute(_UPSERT_STATE, (*write.status, cursor.lastrowid))
                     self._prune_if_due(connection, result.target)
         except sqlite3.Error as exc:
-            error = StoreError(
-                f"cannot write to the store {str(self.path)!r}: {exc}; check the free disk "
-                "space and that the file and its directory are writable"
-            )
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                fix = "another program holds a lock on the file; stop it or let it finish"
+            else:
+                fix = "check the free disk space and that the file and its directory are writable"
+            error = StoreError(f"cannot write to the store {str(self.path)!r}: {exc}; {fix}")
             # Logged once per distinct error; the count of lost results goes
             # into the line that reports the recovery.
             if self._write_error is None or str(self._write_error) != str(error):

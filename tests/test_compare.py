@@ -405,7 +405,7 @@ def test_verdict_flags_a_split_that_noise_explains() -> None:
     text = _loaded_verdict(_paired_runs([5.0, 5.0, 9.0, 5.0], [8.0, 8.0, 6.0, 4.0]))
 
     assert "in 2 of 4 against thread (sign test p = 1)" in text
-    assert "with fewer than 6 repetitions no split can reach p < 0.05" in text
+    assert "with fewer than 6 repetitions that differ no split can reach p < 0.05" in text
     assert "rerun with --repeat 6 or more" in text
 
 

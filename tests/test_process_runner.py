@@ -16,9 +16,9 @@ from upstream import Upstream
 
 from bgapi import BackgroundPoller
 from bgapi.config import config_from_dict
-from bgapi.errors import RunnerError
-from bgapi.poller import LoopResources
-from bgapi.runners.process import _ReportingPoller
+from bgapi.errors import RunnerError, StoreError
+from bgapi.poller import LoopResources, Poller
+from bgapi.runners.process import ProcessRunner, _max_uncommitted, _ReportingPoller
 from bgapi.store import Store
 
 
@@ -180,9 +180,9 @@ def _stored_count(path: Path) -> int:
         return db.execute("SELECT count(*) FROM results").fetchone()[0]
 
 
-@pytest.mark.parametrize("max_uncommitted", [1000, 0])
+@pytest.mark.parametrize("backlogged", [False, True])
 def test_child_poll_waits_only_when_backlogged(
-    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch, max_uncommitted: int
+    tmp_path: Path, upstream: Upstream, backlogged: bool
 ) -> None:
     config = config_from_dict(
         {
@@ -190,17 +190,54 @@ def test_child_poll_waits_only_when_backlogged(
             "targets": [{"name": "up", "url": upstream.url("/ok")}],
         }
     )
-    monkeypatch.setattr("bgapi.runners.process.MAX_UNCOMMITTED", max_uncommitted)
-    store = Store(config.store.path, commit_delay_s=0.5 if max_uncommitted == 0 else 600.0)
+    store = Store(config.store.path, commit_delay_s=0.5 if backlogged else 600.0)
     store.open()
     poller = _ReportingPoller(config, store, mode="process")
+    if backlogged:
+        poller.max_uncommitted = 0
     try:
         assert _check_once(config, poller)
         # With room in the queue the poll returns before its commit, which a
         # 600 s delay keeps off the disk. With a full queue it waits for it.
-        assert _stored_count(config.store.path) == (1 if max_uncommitted == 0 else 0)
+        assert _stored_count(config.store.path) == (1 if backlogged else 0)
     finally:
         store.close()
 
     assert _stored_count(config.store.path) == 1
     assert poller.store_error is None
+
+
+def test_uncommitted_bound_follows_targets() -> None:
+    slow = config_from_dict(
+        {"targets": [{"name": f"t{index}", "url": "http://127.0.0.1:9/"} for index in range(50)]}
+    )
+    fast = config_from_dict(
+        {
+            "targets": [
+                {"name": f"t{index}", "url": "http://127.0.0.1:9/", "interval": 0.05}
+                for index in range(20)
+            ]
+        }
+    )
+
+    # One per target, as when every poll waited for its commit ...
+    assert _max_uncommitted(slow.targets) == 50
+    # ... or two commit delays' worth of polls: 400 polls/s for 0.2 s.
+    assert _max_uncommitted(fast.targets) == 80
+
+
+def test_child_store_error_reaches_server() -> None:
+    config = config_from_dict({"targets": [{"name": "up", "url": "http://127.0.0.1:9/"}]})
+    child = _ReportingPoller(config, None, mode="process")
+    server = ProcessRunner(Poller(config, None))
+    error = "cannot write to the store 'bgapi.db': disk I/O error"
+
+    child._saved(StoreError(error))
+    server._apply(child.take_events())
+    failing = server.poller.store_error
+    child._saved(None)
+    server._apply(child.take_events())
+
+    assert failing == error
+    assert server.poller.store_error is None
+    assert child.take_events() == []

@@ -129,6 +129,12 @@ def test_grouped_offsets_cap_group_size() -> None:
     assert max(offsets) < 1.0
 
 
+def test_grouped_offsets_float_division() -> None:
+    offsets = start_offsets(_targets(*[0.3] * 30), group_step_s=0.1)
+
+    assert len(set(offsets)) == 3
+
+
 def test_grouped_offsets_short_interval() -> None:
     # An interval shorter than the step still gets one group, never an offset past it.
     offsets = start_offsets(_targets(0.05, 0.05, 0.05), group_step_s=0.1)

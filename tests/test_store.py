@@ -165,6 +165,22 @@ def test_state_round_trips_through_restore(tmp_path: Path) -> None:
     assert untouched.last_result is None
 
 
+def test_older_result_keeps_newer_state(store: Store) -> None:
+    newer = _result("a", 5, ok=False)
+    older = _result("a", 1)
+    _save_all(store, [newer], TargetStatus("a", state=State.DOWN, consecutive_failures=1))
+
+    # The older poll commits last, as a scheduled poll of the process mode's
+    # child can after a poll on request in the server.
+    _save_all(store, [older], TargetStatus("a", state=State.UP, consecutive_successes=1))
+
+    state = store.states()["a"]
+    assert state["state"] == "down"
+    assert state["last_result"].started_at == newer.started_at
+    assert state["consecutive_failures"] == 1
+    assert store.count("a") == 2
+
+
 def test_states_after_result_id_returns_changed_only(store: Store) -> None:
     _save_all(store, [_result("a", 1), _result("b", 2)])
     everything = store.states()
@@ -280,6 +296,24 @@ def test_close_ends_commit_delay(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30.0
     assert done == [None, None, None]
     assert _rows(tmp_path / "delay-close.db", "SELECT count(*) FROM results") == [(3,)]
+
+
+def test_close_timeout_logs_lost_results(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "locked.db"
+    store = Store(path)
+    store.open()
+    locker = sqlite3.connect(path, timeout=0)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for index in range(3):
+            store.submit(_result("a", index), TargetStatus("a"), lambda error: None)
+
+        store.close(timeout=0.3)
+    finally:
+        locker.rollback()
+        locker.close()
+
+    assert "the store writer did not finish within 0.3 s; about 3 results were not stored" in caplog.text
 
 
 def test_close_closes_every_thread_reader(tmp_path: Path) -> None:

@@ -368,7 +368,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
         needed = _pairs_for_significance()
         if most_pairs < needed:
             text += (
-                f" and with fewer than {needed} repetitions no split can reach p < {SIGNIFICANCE:g}:"
+                f" and with fewer than {needed} repetitions that differ no split can reach p < {SIGNIFICANCE:g}:"
                 f" rerun with --repeat {needed} or more to rank those modes."
             )
         else:

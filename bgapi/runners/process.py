@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import pickle
 import signal
@@ -67,9 +68,10 @@ CHILD_NICENESS = 10
 # The child's store commits the results gathered over this long in one
 # transaction. The server shows them only after its next report anyway.
 COMMIT_DELAY_S = 0.1
-# Above this many results waiting for their commit, a poll waits for its own.
-MAX_UNCOMMITTED = 1000
-# The child's targets start in groups at least this far apart. 50 targets at
+# How long the child's store gets to commit its queue at shutdown: less than
+# the 1.5 s after which the server kills the child, so that a loss is logged.
+CLOSE_TIMEOUT_S = 1.0
+# The child's targets start in groups this far apart (see start_offsets). 50 targets at
 # 1 s make 10 wake-ups a second instead of 50, which halves the child's CPU
 # time (benchmarks/wakeups.py on a 2-core virtual machine).
 GROUP_STEP_S = 0.1
@@ -192,6 +194,9 @@ class ProcessRunner(Runner):
                 poller.record_missed(name, event[2])
             elif kind == "next":
                 poller.set_next_run(name, event[2])
+            elif kind == "store":
+                # The child's store write error, or None once it writes again: /healthz shows it.
+                poller.store_error = event[2]
         try:
             poller.restore(changed_only=True)
         except StoreError as exc:
@@ -214,6 +219,7 @@ class ProcessRunner(Runner):
             await asyncio.to_thread(child.wait, timeout)
         except subprocess.TimeoutExpired:
             self.error = f"the poller process did not stop within {timeout:g} s and was killed"
+            logger.error("%s; the results it had not stored yet are lost", self.error)
             self._kill()
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, timeout)
@@ -242,6 +248,17 @@ class _ReportingPoller(Poller):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.events: list[Message] = []
+        self.max_uncommitted = _max_uncommitted(self.enabled_targets)
+        self._sent_store_error: str | None = None
+
+    def take_events(self) -> list[Message]:
+        """Return the events since the last call, with the store's error if it changed."""
+        batch, self.events = self.events, []
+        store_error = self.store_error
+        if store_error != self._sent_store_error:
+            batch.append(("store", None, store_error))
+            self._sent_store_error = store_error
+        return batch
 
     def record_run(self, name: str, lateness_ms: float, missed: int) -> None:
         super().record_run(name, lateness_ms, missed)
@@ -261,7 +278,7 @@ class _ReportingPoller(Poller):
         # stalls, polls wait again, so that the queue of writes stays bounded.
         if self.store is None:
             return
-        if self.store.queued >= MAX_UNCOMMITTED:
+        if self.store.queued >= self.max_uncommitted:
             await super()._save(result, snapshot)
         else:
             self.store.submit(result, snapshot, self._saved)
@@ -269,6 +286,18 @@ class _ReportingPoller(Poller):
     def _saved(self, error: BaseException | None) -> None:
         # Called on the store's writer thread; the store logs write errors itself.
         self.store_error = str(error) if error is not None else None
+
+
+def _max_uncommitted(targets: list[Any]) -> int:
+    """Return how many results may wait for their commit before a poll waits for its own.
+
+    One per target, the bound from when every poll waited for its commit,
+    or twice the polls of one commit delay if that is more, so that a
+    healthy store never delays a poll. If the store stalls and then SIGTERM
+    comes, about this many results can be lost.
+    """
+    polls_per_s = sum(1 / target.interval_s for target in targets)
+    return max(1, len(targets), math.ceil(2 * polls_per_s * COMMIT_DELAY_S))
 
 
 async def _serve(poller: _ReportingPoller, events: Connection) -> None:
@@ -282,7 +311,7 @@ async def _serve(poller: _ReportingPoller, events: Connection) -> None:
     watch_parent(lambda: loop.call_soon_threadsafe(stop.set), PARENT_CHECK_S)
 
     def send_events() -> None:
-        batch, poller.events = poller.events, []
+        batch = poller.take_events()
         try:
             events.send(batch)
         except OSError:  # the server is gone: stop polling
@@ -337,7 +366,7 @@ def _child_main(argv: list[str]) -> None:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(_serve(poller, events))
     finally:
-        store.close()
+        store.close(CLOSE_TIMEOUT_S)
         with contextlib.suppress(OSError):
             events.close()
 
