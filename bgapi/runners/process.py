@@ -18,8 +18,9 @@ Each wake-up of the child costs CPU that the server may need, so the child
 wakes less often than the other strategies: its targets start in groups
 (see :func:`~bgapi.schedule.start_offsets`), and its store commits the
 results of :data:`COMMIT_DELAY_S` seconds in one transaction. A child
-killed with SIGKILL therefore loses up to that much of its latest results;
-SIGTERM commits them.
+killed with SIGKILL therefore loses about that much of its latest results.
+SIGTERM commits them, unless the store stays locked through the shutdown:
+then the child logs how many it could not store.
 
 Only HTTP targets run in the child. Custom jobs are functions of the app's
 process, so this mode rejects them. A poll requested through the API runs in
