@@ -130,10 +130,11 @@ class Store:
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
         # Set by close(), so that a writer waiting out the commit delay commits at once.
         self._closing = threading.Event()
-        # The size of the batch that the writer is committing, 0 between batches,
-        # and whether it has taken the stop marker off the queue.
-        self._writing = 0
-        self._stop_taken = False
+        # Writes queued since the store was created, and writes the writer has
+        # finished (committed or failed). Only the writer thread changes _finished.
+        self._submitted = 0
+        self._submitted_lock = threading.Lock()
+        self._finished = 0
         self._writer: threading.Thread | None = None
         self._local = threading.local()
         # Every thread's read connection, so that close() can close them all.
@@ -168,7 +169,6 @@ class Store:
                 "exists and that it and the file are writable, or set [store] path"
             ) from None
         self._closing.clear()
-        self._stop_taken = False
         self._writer = threading.Thread(
             target=self._write_loop, args=(connection,), name="bgapi-store", daemon=True
         )
@@ -202,12 +202,10 @@ class Store:
             self._queue.put(_STOP)
             self._writer.join(timeout)
             if self._writer.is_alive():
-                # The queue may still hold the stop marker.
-                lost = max(0, self._queue.qsize() - (0 if self._stop_taken else 1)) + self._writing
                 logger.error(
                     "the store writer did not finish within %g s; about %d results were not stored",
                     timeout,
-                    lost,
+                    self.uncommitted,
                 )
             self._writer = None
         with self._readers_lock:
@@ -217,9 +215,9 @@ class Store:
         self._local.connection = None
 
     @property
-    def queued(self) -> int:
-        """The number of writes waiting for the writer thread (approximate)."""
-        return self._queue.qsize()
+    def uncommitted(self) -> int:
+        """The number of results queued or being written that the writer has not finished yet."""
+        return self._submitted - self._finished
 
     async def save(self, result: PollResult, status: TargetStatus) -> None:
         """Store ``result`` and the target's state; return once both are committed.
@@ -275,6 +273,8 @@ class Store:
             status.last_success_at,
             status.last_change_at,
         )
+        with self._submitted_lock:
+            self._submitted += 1
         self._queue.put(_Write(result, row, done, future))
 
     def results(self, target: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -358,7 +358,6 @@ class Store:
                 batch: list[_Write] = []
                 item = self._queue.get()
                 stopping = item is _STOP
-                self._stop_taken = stopping
                 if not stopping:
                     batch.append(item)  # type: ignore[arg-type]
                     if self.commit_delay_s > 0:
@@ -370,13 +369,12 @@ class Store:
                     except queue.Empty:
                         break
                     if item is _STOP:
-                        stopping = self._stop_taken = True
+                        stopping = True
                         continue
                     batch.append(item)  # type: ignore[arg-type]
                 if batch:
-                    self._writing = len(batch)
                     self._write_batch(connection, batch)
-                    self._writing = 0
+                    self._finished += len(batch)
                 if stopping and self._queue.empty():
                     return
         finally:

@@ -279,7 +279,7 @@ class _ReportingPoller(Poller):
         # stalls, polls wait again, so that the queue of writes stays bounded.
         if self.store is None:
             return
-        if self.store.queued >= self.max_uncommitted:
+        if self.store.uncommitted >= self.max_uncommitted:
             await super()._save(result, snapshot)
         else:
             self.store.submit(result, snapshot, self._saved)
