@@ -240,21 +240,22 @@ def _add_routes(app: FastAPI | APIRouter, config: Config) -> None:
         return poller
 
     # The last store read error that was logged, so that each is logged once.
-    logged_read_error: list[str | None] = [None]
+    logged_read_error: str | None = None
 
     @contextlib.contextmanager
     def store_errors_as_503() -> Iterator[None]:
         # A store that cannot be read (deleted, locked, a disk error) is a
         # server-side failure that the client can retry.
+        nonlocal logged_read_error
         try:
             yield
         except StoreError as exc:
             message = config.redact(str(exc))
-            if message != logged_read_error[0]:
+            if message != logged_read_error:
                 logger.warning("%s; requests that read the store get 503 until it can be read", message)
-                logged_read_error[0] = message
+                logged_read_error = message
             raise HTTPException(503, message) from None
-        logged_read_error[0] = None
+        logged_read_error = None
 
     def status_or_404(request: Request, name: str) -> TargetStatus:
         status = poller_of(request).status(name)

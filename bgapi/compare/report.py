@@ -343,7 +343,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
     mine = summary[best]["by_repetition"][key]
     parts = []
     uncertain = False
-    most_pairs = 0
+    max_pairs = 0
     for other in others:
         theirs = summary[other]["by_repetition"][key]
         pairs = [
@@ -355,7 +355,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
         ]
         if len(pairs) < 2:
             continue
-        most_pairs = max(most_pairs, len(pairs))
+        max_pairs = max(max_pairs, len(pairs))
         wins = sum(1 for own, their in pairs if own < their)
         chance = sign_test(wins, len(pairs))
         uncertain = uncertain or chance >= SIGNIFICANCE
@@ -366,7 +366,7 @@ def _paired_comparison(summary: dict[str, dict[str, Any]], best: str, others: Se
     if uncertain:
         text += f" At p = {SIGNIFICANCE:g} or above, noise alone could explain the split,"
         needed = _pairs_for_significance()
-        if most_pairs < needed:
+        if max_pairs < needed:
             text += (
                 f" and with fewer than {needed} repetitions that differ no split can reach p < {SIGNIFICANCE:g}:"
                 f" rerun with --repeat {needed} or more to rank those modes."
