@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
+from bgapi.compare.harness import ProcessGroup, start_upstream
 from bgapi.conditions import parse_conditions
 from bgapi.config import config_from_dict
 from bgapi.poll import poll_http
@@ -150,17 +149,13 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=0.0, help="milliseconds each slot pauses between its polls")
     parser.add_argument("--http-client", default="auto", choices=("auto", "httpx", "aiohttp"))
     args = parser.parse_args()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "bgapi.compare.upstream", "--max-seconds", "600"], stdout=subprocess.PIPE
-    )
+    group = ProcessGroup()
     try:
-        assert upstream.stdout is not None
-        port = int(upstream.stdout.readline())
+        port = start_upstream(group, max_seconds=600)
         with tempfile.TemporaryDirectory(prefix="bgapi-layers-") as workdir:
             asyncio.run(_run(port, args, workdir))
     finally:
-        upstream.terminate()
-        upstream.wait(5)
+        group.close()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bgapi.compare.harness import ProcessGroup, start_upstream
 from bgapi.config import config_from_dict
 from bgapi.poller import LoopResources
 from bgapi.runners.process import COMMIT_DELAY_S, GROUP_STEP_S, _ReportingPoller
@@ -143,20 +143,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured window")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "bgapi.compare.upstream", "--max-seconds", "3600"], stdout=subprocess.PIPE
-    )
+    group = ProcessGroup()
     try:
-        assert upstream.stdout is not None
-        port = int(upstream.stdout.readline())
+        port = start_upstream(group, max_seconds=3600)
         with (
             tempfile.TemporaryDirectory(prefix="bgapi-wakeups-") as workdir,
             asyncio.Runner(loop_factory=new_loop) as runner,
         ):
             runner.run(_measure(port, args, Path(workdir)))
     finally:
-        upstream.terminate()
-        upstream.wait(5)
+        group.close()
 
 
 if __name__ == "__main__":
