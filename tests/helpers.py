@@ -175,6 +175,14 @@ class ProcessOutcome:
     output: str
 
 
+def assert_clean_exit(outcome: ProcessOutcome) -> None:
+    """Check that bgapi exited with code 0, without a traceback or an asyncio warning."""
+    assert outcome.returncode == 0, outcome.output
+    assert "Traceback" not in outcome.output
+    assert "Task was destroyed but it is pending" not in outcome.output
+    assert "bgapi stopped" in outcome.output
+
+
 class RunningBgapi:
     """A ``bgapi`` subprocess serving the API on ``base_url``."""
 
